@@ -1,0 +1,101 @@
+"""Candidate generation behind one small backend interface.
+
+A backend turns prompt token ids into `n` sampled completions each and returns a table with one
+row per completion:
+
+    prompt_index   position of the prompt in the input list
+    sample         0..n-1
+    token_ids      completion token ids (cut after the first EOS, EOS included)
+    token_logprobs log pi(token | prefix) of each sampled token under the model (temperature 1,
+                   no truncation: the model's own distribution, as scoring computes it)
+    completion     decoded text
+    finish_reason  "length" or "stop"
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 20
+    fixed_length: bool = False  # never stop at EOS
+    seed: int = 0
+
+
+class Backend(Protocol):
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> pd.DataFrame: ...
+
+    def close(self) -> None: ...
+
+
+class HFBackend:
+    """Reference backend: batched `model.generate` with left padding."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 32, progress: bool = True):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.progress = progress
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> pd.DataFrame:
+        torch.manual_seed(params.seed)
+        rows = []
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        device = next(self.model.parameters()).device
+        starts = range(0, len(prompt_ids), self.batch_size)
+        for start in tqdm(starts, desc=f"generate n={params.n}", disable=not self.progress, unit="batch"):
+            batch = prompt_ids[start: start + self.batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+            sample = params.temperature > 0
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=sample,
+                temperature=params.temperature if sample else None,
+                top_p=params.top_p if sample else None,
+                top_k=params.top_k if sample else None,
+                max_new_tokens=params.max_new_tokens,
+                min_new_tokens=params.max_new_tokens if params.fixed_length else None,
+                num_return_sequences=params.n, pad_token_id=pad, eos_token_id=eos,
+                output_logits=True, return_dict_in_generate=True,
+            )
+            new = out.sequences[:, width:]
+            logits = torch.stack(out.logits, dim=1).float()  # raw model logits [B*n, T, V]
+            logps = F.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+            for j in range(new.shape[0]):
+                tokens = new[j].tolist()
+                finish = "length"
+                if not params.fixed_length and eos in tokens:
+                    tokens = tokens[: tokens.index(eos) + 1]
+                    finish = "stop"
+                rows.append({
+                    "prompt_index": start + j // params.n,
+                    "sample": j % params.n,
+                    "token_ids": tokens,
+                    "token_logprobs": logps[j, : len(tokens)].tolist(),
+                    "completion": self.tokenizer.decode(tokens, skip_special_tokens=True),
+                    "finish_reason": finish,
+                })
+        return pd.DataFrame(rows)
+
+    def close(self) -> None:
+        pass
+
+
+def make_backend(cfg, model, tokenizer, progress: bool = True) -> Backend:
+    if cfg.generation.backend == "hf":
+        return HFBackend(model, tokenizer, cfg.generation.batch_size, progress)
+    raise ValueError(f"unknown generation backend {cfg.generation.backend!r}")

@@ -1,0 +1,352 @@
+"""The coordinator: a small state machine over the run directory.
+
+Run-level stages (once):   prompts -> eval_reference
+Per round r:               pool -> [entropy_samples] -> entropy -> samples -> scores
+                           -> acquired -> labels -> train -> eval
+
+Each stage reads tables written by earlier stages, writes its own, then a manifest (sizes, hashes,
+and the digests of the upstream manifests it used). On every start the coordinator walks the
+stages in order and skips those whose manifest still holds; anything missing, truncated, edited
+or computed from different inputs is redone, and so is everything downstream of it. Oracle
+answers live in labels.sqlite and are never requested twice, even when a stage is redone.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from . import acquisition, assets, config as config_mod
+from .evaluation import win_rate
+from .generation import SamplingParams, make_backend
+from .models import format_prompt, load_model, load_tokenizer
+from .oracle import LabelStore, make_oracle
+from .rundir import RunDir, atomic_write_json, atomic_write_text, read_table, write_table
+from .scoring import pair_table, prompt_entropy, sequence_logprobs
+from .training import train_dpo
+
+log = logging.getLogger("apo_dist.loop")
+
+FAULT_ENV = "APO_DIST_FAULT"  # test hook: "<round>:<stage>:<start|mid|end>" kills the process there
+
+
+class ResumeRefused(RuntimeError):
+    """The run directory holds a run made with a config that differs in a result-changing way."""
+
+
+@dataclass
+class Stage:
+    name: str
+    outputs: list[str]
+    inputs: dict[str, tuple[Path, str]]  # label -> (scope, stage) whose manifest digest it uses
+    run: Callable[[], dict]
+
+
+def fault_point(round_: int | str, stage: str, point: str) -> None:
+    if os.environ.get(FAULT_ENV) == f"{round_}:{stage}:{point}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def stage_seed(seed: int, round_: int, stage: str) -> int:
+    return zlib.crc32(f"{seed}/{round_}/{stage}".encode())
+
+
+class Coordinator:
+    def __init__(self, cfg: DictConfig, run_dir: str | os.PathLike, progress: bool = True,
+                 echo: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.rd = RunDir(run_dir)
+        self.progress = progress
+        self.echo = echo
+        self.cache = assets.cache_dir(cfg.assets_dir)
+        self._model: tuple[str, object] | None = None
+        self._store: LabelStore | None = None
+
+    # --- setup -----------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Write config.yaml for a new run; refuse a resumed run whose config changes results."""
+        self.rd.root.mkdir(parents=True, exist_ok=True)
+        if self.rd.config_path.exists():
+            old = config_mod.from_yaml_text(self.rd.config_path.read_text())
+            diffs = config_mod.changed_keys(old, self.cfg)
+            if diffs:
+                lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in diffs)
+                raise ResumeRefused(
+                    f"{self.rd.root} was started with a different config; resuming would mix results.\n"
+                    f"{lines}\nUse a new --run-dir, or revert these keys.")
+        atomic_write_text(self.rd.config_path, config_mod.to_yaml(self.cfg))
+        if self.cfg.loop.num_threads:
+            torch.set_num_threads(self.cfg.loop.num_threads)
+        self.reference_path = assets.resolve_model_path(self.cfg.model.reference or self.cfg.model.policy, self.cache)
+        self.sft_path = assets.resolve_model_path(self.cfg.model.policy, self.cache)
+        self.tokenizer = load_tokenizer(self.sft_path)
+
+    @property
+    def store(self) -> LabelStore:
+        if self._store is None:
+            self._store = LabelStore(self.cfg.oracle.store or self.rd.labels_db)
+        return self._store
+
+    def model(self, path: str):
+        """The model at `path`, loaded once per stage sequence (one model held at a time)."""
+        if self._model is None or self._model[0] != path:
+            self._model = None
+            self._model = (path, load_model(path, self.cfg.model.dtype))
+        return self._model[1]
+
+    def policy_path(self, r: int) -> str:
+        return self.sft_path if r == 0 else str(self.rd.round_dir(r - 1) / "policy")
+
+    # --- the state machine -----------------------------------------------------------------
+    def run(self) -> list[dict]:
+        self.prepare()
+        self.rd.update_state(status="running", reason="")
+        root = self.rd.root
+        for stage in (self.stage_prompts(), self.stage_eval_reference()):
+            self.ensure(root, "run", stage)
+        results = []
+        for r in range(self.cfg.loop.rounds):
+            t0 = time.time()
+            for stage in self.round_stages(r):
+                self.ensure(self.rd.round_dir(r), r, stage)
+            results.append(self.round_summary(r, time.time() - t0))
+        self.rd.update_state(status="done", round=self.cfg.loop.rounds - 1, stage="eval")
+        from .report import write_report
+
+        write_report(self.rd.root)
+        self.echo(f"report: {self.rd.root / 'report.md'}")
+        return results
+
+    def ensure(self, scope: Path, round_: int | str, stage: Stage) -> None:
+        inputs = {label: self.rd.manifest_digest(s, name) for label, (s, name) in stage.inputs.items()}
+        why = self.rd.check_manifest(scope, stage.name, inputs)
+        if why is None:
+            return
+        if why != "not done":
+            log.warning("redoing %s/%s: %s", scope.name, stage.name, why)
+        self.rd.clear_stage(scope, stage.name, stage.outputs)
+        self.rd.update_state(round=round_, stage=stage.name, stage_status="running")
+        fault_point(round_, stage.name, "start")
+        t0 = time.time()
+        metrics = stage.run() or {}
+        fault_point(round_, stage.name, "end")
+        self.rd.write_manifest(scope, stage.name, stage.outputs, inputs)
+        self.rd.log_metrics({"round": round_, "stage": stage.name, "seconds": round(time.time() - t0, 3), **metrics})
+        self.rd.update_state(round=round_, stage=stage.name, stage_status="done")
+
+    def round_stages(self, r: int) -> list[Stage]:
+        rd, root = self.rd.round_dir(r), self.rd.root
+        policy = {"policy": (self.rd.round_dir(r - 1), "train")} if r > 0 else {}
+        earlier = {f"acquired_{q}": (self.rd.round_dir(q), "acquired") for q in range(r)}
+        uses_entropy = self.cfg.acquisition.function in ("entropy", "hybrid")
+        stages = [Stage("pool", ["pool.parquet"], {"prompts": (root, "prompts"), **earlier},
+                        lambda: self.make_pool(r))]
+        if uses_entropy:
+            stages.append(Stage("entropy_samples", ["entropy_samples.parquet"],
+                                {"pool": (rd, "pool"), **policy}, lambda: self.make_entropy_samples(r)))
+        stages += [
+            Stage("entropy", ["entropy.parquet"],
+                  {"pool": (rd, "entropy_samples" if uses_entropy else "pool"), **policy},
+                  lambda: self.make_entropy(r)),
+            Stage("samples", ["samples.parquet"], {"entropy": (rd, "entropy"), **policy},
+                  lambda: self.make_samples(r)),
+            Stage("scores", ["scores.parquet"], {"samples": (rd, "samples"), **policy},
+                  lambda: self.make_scores(r)),
+            Stage("acquired", ["acquired.parquet"], {"scores": (rd, "scores")},
+                  lambda: self.make_acquired(r)),
+            Stage("labels", ["labels.parquet"], {"acquired": (rd, "acquired")},
+                  lambda: self.make_labels(r)),
+            Stage("train", ["policy"],
+                  {**{f"labels_{q}": (self.rd.round_dir(q), "labels") for q in range(r + 1)},
+                   **(policy if self.cfg.training.init == "previous" else {})},
+                  lambda: self.make_policy(r)),
+            Stage("eval", ["eval.json", "eval_samples.parquet"],
+                  {"policy": (rd, "train"), "reference": (root, "eval_reference")},
+                  lambda: self.make_eval(r)),
+        ]
+        return stages
+
+    # --- run-level stages ------------------------------------------------------------------
+    def stage_prompts(self) -> Stage:
+        return Stage("prompts", ["prompts.parquet"], {}, self.make_prompts)
+
+    def make_prompts(self) -> dict:
+        from .data import load_prompts
+
+        train, evals, report = load_prompts(self.cfg, self.tokenizer)
+        config_mod.check_pool_size(self.cfg, len(train))
+        table = pd.concat([train.assign(split="train"), evals.assign(split="eval")], ignore_index=True)
+        table["prompt_ids"] = [format_prompt(self.tokenizer, p, self.cfg.data.instruction,
+                                             self.cfg.model.use_chat_template) for p in table["prompt"]]
+        write_table(self.rd.root / "prompts.parquet", table)
+        return report
+
+    def prompts(self, split: str) -> pd.DataFrame:
+        table = read_table(self.rd.root / "prompts.parquet")
+        return table[table["split"] == split].reset_index(drop=True)
+
+    def stage_eval_reference(self) -> Stage:
+        return Stage("eval_reference", ["eval_reference.parquet"], {"prompts": (self.rd.root, "prompts")},
+                     lambda: self.make_eval_completions(self.sft_path, self.rd.root / "eval_reference.parquet",
+                                                        "eval_reference"))
+
+    def make_eval_completions(self, model_path: str, out: Path, what: str) -> dict:
+        prompts = self.prompts("eval")
+        gen = self.cfg.generation
+        params = SamplingParams(n=1, temperature=self.cfg.eval.temperature, top_p=gen.top_p, top_k=gen.top_k,
+                                max_new_tokens=gen.max_new_tokens, fixed_length=gen.fixed_length,
+                                seed=stage_seed(self.cfg.seed, 0, "eval"))
+        table = self.generate(model_path, prompts, params)
+        write_table(out, table)
+        return {"completions": len(table), "what": what}
+
+    # --- round stages ----------------------------------------------------------------------
+    def make_pool(self, r: int) -> dict:
+        train = self.prompts("train")
+        used = set()
+        for q in range(r):
+            used |= set(read_table(self.rd.round_dir(q) / "acquired.parquet")["prompt_id"])
+        available = train[~train["prompt_id"].isin(used)]
+        need = config_mod.candidate_prompts_per_round(self.cfg)
+        if need > len(available):
+            raise RuntimeError(f"round {r} needs {need} unused training prompts but only {len(available)} "
+                               f"remain; use fewer rounds, fewer labels per round or a larger pool")
+        rng = np.random.default_rng(stage_seed(self.cfg.seed, r, "pool"))
+        pool = available.iloc[np.sort(rng.choice(len(available), size=need, replace=False))]
+        write_table(self.rd.round_dir(r) / "pool.parquet", pool[["prompt_id", "prompt", "prompt_ids"]])
+        return {"prompts": need, "available": len(available)}
+
+    def make_entropy_samples(self, r: int) -> dict:
+        pool = read_table(self.rd.round_dir(r) / "pool.parquet")
+        gen = self.cfg.generation
+        params = SamplingParams(n=self.cfg.scoring.entropy_samples, temperature=gen.entropy_temperature,
+                                max_new_tokens=gen.max_new_tokens, fixed_length=gen.fixed_length,
+                                seed=stage_seed(self.cfg.seed, r, "entropy_samples"))
+        samples = self.generate(self.policy_path(r), pool, params)
+        write_table(self.rd.round_dir(r) / "entropy_samples.parquet", samples)
+        return {"samples": len(samples)}
+
+    def make_entropy(self, r: int) -> dict:
+        rd = self.rd.round_dir(r)
+        a = self.cfg.acquisition
+        if a.function in ("entropy", "hybrid"):
+            samples = read_table(rd / "entropy_samples.parquet")
+            token = self.cfg.scoring.entropy_estimator == "token"
+            scored = self.logprobs(self.policy_path(r), samples, with_entropy=token, desc="score entropy")
+            table = prompt_entropy(pd.concat([samples, scored], axis=1), self.cfg.scoring.entropy_estimator)
+        else:
+            pool = read_table(rd / "pool.parquet")
+            table = pd.DataFrame({"prompt_id": pool["prompt_id"], "entropy": np.nan, "n_samples": 0})
+        rng = np.random.default_rng(stage_seed(self.cfg.seed, r, "entropy"))
+        table = acquisition.select_prompts(table, a.function, a.labels_per_round, a.pair_factor, rng)
+        write_table(rd / "entropy.parquet", table)
+        return {"prompts": len(table), "selected": int(table["selected"].sum()),
+                "mean_entropy": float(table["entropy"].mean()) if table["entropy"].notna().any() else None}
+
+    def make_samples(self, r: int) -> dict:
+        rd = self.rd.round_dir(r)
+        pool = read_table(rd / "pool.parquet")
+        chosen = read_table(rd / "entropy.parquet").query("selected")["prompt_id"]
+        prompts = pool[pool["prompt_id"].isin(chosen)].reset_index(drop=True)
+        gen = self.cfg.generation
+        params = SamplingParams(n=2, temperature=gen.pair_temperature, top_p=gen.top_p, top_k=gen.top_k,
+                                max_new_tokens=gen.max_new_tokens, fixed_length=gen.fixed_length,
+                                seed=stage_seed(self.cfg.seed, r, "samples"))
+        samples = self.generate(self.policy_path(r), prompts, params)
+        write_table(rd / "samples.parquet", samples)
+        return {"samples": len(samples)}
+
+    def make_scores(self, r: int) -> dict:
+        rd = self.rd.round_dir(r)
+        samples = read_table(rd / "samples.parquet")
+        samples["policy_logp"] = self.logprobs(self.policy_path(r), samples, desc="score policy")["logp"].values
+        if self.policy_path(r) == self.reference_path:
+            samples["ref_logp"] = samples["policy_logp"]
+        else:
+            samples["ref_logp"] = self.logprobs(self.reference_path, samples, desc="score reference")["logp"].values
+        pairs = pair_table(samples, self.cfg.training.beta)
+        write_table(rd / "scores.parquet", pairs)
+        return {"pairs": len(pairs), "mean_certainty": float(pairs["certainty"].mean())}
+
+    def make_acquired(self, r: int) -> dict:
+        rd = self.rd.round_dir(r)
+        scores = read_table(rd / "scores.parquet")
+        a = self.cfg.acquisition
+        rng = np.random.default_rng(stage_seed(self.cfg.seed, r, "acquired"))
+        chosen = acquisition.select_pairs(scores, a.function, a.labels_per_round, rng)
+        if len(chosen) < a.labels_per_round:
+            raise RuntimeError(f"round {r}: only {len(chosen)} candidate pairs for {a.labels_per_round} labels")
+        write_table(rd / "acquired.parquet", chosen)
+        return {"pairs": len(chosen), "mean_certainty": float(chosen["certainty"].mean())}
+
+    def make_labels(self, r: int) -> dict:
+        rd = self.rd.round_dir(r)
+        pairs = read_table(rd / "acquired.parquet")
+        oracle = make_oracle(self.cfg.oracle, self.cfg.seed)
+        labels, asked = self.store.label(oracle, list(pairs["prompt"]), list(pairs["completion_a"]),
+                                         list(pairs["completion_b"]), progress=self.progress,
+                                         on_batch=lambda: fault_point(r, "labels", "mid"))
+        pairs["label"] = labels
+        write_table(rd / "labels.parquet", pairs)
+        return {"labels": len(pairs), "oracle_requests": asked, "from_store": len(pairs) - asked,
+                "tie_rate": float((pairs["label"] == 0.5).mean())}
+
+    def make_policy(self, r: int) -> dict:
+        pairs = pd.concat([read_table(self.rd.round_dir(q) / "labels.parquet") for q in range(r + 1)],
+                          ignore_index=True)
+        init = self.sft_path if self.cfg.training.init == "sft" else self.policy_path(r)
+        self._model = None  # free memory before training
+        tb = str(self.rd.root / "tensorboard" / f"round_{r:04d}") if self.cfg.loop.tensorboard else None
+        result = train_dpo(pairs, init, self.rd.round_dir(r) / "policy", self.cfg.training,
+                           seed=stage_seed(self.cfg.seed, r, "train"), progress=self.progress,
+                           tensorboard_dir=tb)
+        last = result.history[-1]
+        return {"pairs": len(pairs), "steps": result.steps, "train_seconds": round(result.seconds, 2),
+                "pairs_per_second": round(len(pairs) * self.cfg.training.epochs / result.seconds, 3),
+                "final_loss": last["loss"], "final_reward_accuracy": last["reward_accuracy"]}
+
+    def make_eval(self, r: int) -> dict:
+        rd = self.rd.round_dir(r)
+        self.make_eval_completions(str(rd / "policy"), rd / "eval_samples.parquet", "policy")
+        policy = read_table(rd / "eval_samples.parquet")
+        reference = read_table(self.rd.root / "eval_reference.parquet")
+        oracle = make_oracle(self.cfg.oracle, self.cfg.seed, deterministic=True)
+        outcomes, asked = self.store.label(oracle, list(policy["prompt"]), list(policy["completion"]),
+                                           list(reference["completion"]), progress=self.progress, desc="judge")
+        result = win_rate(outcomes)
+        labels_so_far = sum(len(read_table(self.rd.round_dir(q) / "labels.parquet")) for q in range(r + 1))
+        result.update(round=r, labels=labels_so_far, oracle_requests=asked)
+        atomic_write_json(rd / "eval.json", result)
+        return result
+
+    # --- helpers ---------------------------------------------------------------------------
+    def generate(self, model_path: str, prompts: pd.DataFrame, params: SamplingParams) -> pd.DataFrame:
+        """Completions for every row of `prompts` (prompt_id, prompt, prompt_ids), one row each."""
+        backend = make_backend(self.cfg, self.model(model_path), self.tokenizer, progress=self.progress)
+        out = backend.generate([list(p) for p in prompts["prompt_ids"]], params)
+        backend.close()
+        meta = prompts.iloc[out["prompt_index"].values].reset_index(drop=True)
+        return pd.concat([meta[["prompt_id", "prompt", "prompt_ids"]], out.drop(columns="prompt_index")], axis=1)
+
+    def logprobs(self, model_path: str, samples: pd.DataFrame, with_entropy: bool = False,
+                 desc: str = "score") -> pd.DataFrame:
+        return sequence_logprobs(self.model(model_path), [list(p) for p in samples["prompt_ids"]],
+                                 [list(t) for t in samples["token_ids"]], self.tokenizer.pad_token_id,
+                                 self.cfg.scoring.batch_size, with_entropy, desc, self.progress)
+
+    def round_summary(self, r: int, seconds: float) -> dict:
+        result = json.loads((self.rd.round_dir(r) / "eval.json").read_text())
+        self.echo(f"round {r}: labels {result['labels']:4d} | win-rate {result['win_rate']:.3f} "
+                  f"± {result['stderr']:.3f} (n={result['n']}, ties {result['tie_rate']:.2f}) | {seconds:.0f} s")
+        return result

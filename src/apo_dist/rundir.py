@@ -1,0 +1,187 @@
+"""The run directory: atomic files, per-stage manifests, state.json and metrics.jsonl.
+
+A stage is done when its manifest exists, every file it lists has the recorded size and sha256,
+and the upstream manifests it was computed from are unchanged. Anything else means "redo".
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_table(path: Path, df: pd.DataFrame) -> None:
+    """Write a parquet table atomically (a crash never leaves a half-written file under `path`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    return pd.read_parquet(path)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files_under(path: Path) -> Iterable[Path]:
+    if path.is_dir():
+        yield from sorted(p for p in path.rglob("*") if p.is_file())
+    elif path.exists():
+        yield path
+
+
+class RunDir:
+    """Paths and bookkeeping of one run directory."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def labels_db(self) -> Path:
+        return self.root / "labels.sqlite"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    def round_dir(self, r: int) -> Path:
+        return self.root / f"round_{r:04d}"
+
+    def rounds(self) -> list[int]:
+        return sorted(int(p.name.split("_")[1]) for p in self.root.glob("round_[0-9][0-9][0-9][0-9]"))
+
+    # --- manifests -------------------------------------------------------------------------
+    def manifest_path(self, scope: Path, stage: str) -> Path:
+        return scope / f".{stage}.manifest.json"
+
+    def write_manifest(self, scope: Path, stage: str, outputs: list[str], inputs: dict[str, str],
+                       extra: dict | None = None) -> str:
+        """Record sizes and hashes of `outputs` (paths relative to `scope`); returns its digest."""
+        files = {}
+        for name in outputs:
+            for f in _files_under(scope / name):
+                rel = str(f.relative_to(scope))
+                files[rel] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            if not (scope / name).exists():
+                raise FileNotFoundError(f"stage {stage} did not write {scope / name}")
+        manifest = {"stage": stage, "outputs": outputs, "files": files, "inputs": inputs,
+                    "time": time.time(), **(extra or {})}
+        atomic_write_json(self.manifest_path(scope, stage), manifest)
+        return self.manifest_digest(scope, stage)
+
+    def manifest_digest(self, scope: Path, stage: str) -> str:
+        m = json.loads(self.manifest_path(scope, stage).read_text())
+        return hashlib.sha256(json.dumps(m["files"], sort_keys=True).encode()).hexdigest()
+
+    def check_manifest(self, scope: Path, stage: str, inputs: dict[str, str]) -> str | None:
+        """Why the stage must be redone, or None when its outputs are intact and current."""
+        path = self.manifest_path(scope, stage)
+        if not path.exists():
+            return "not done"
+        try:
+            m = json.loads(path.read_text())
+            files = m["files"]
+        except (ValueError, KeyError):
+            return "manifest unreadable"
+        if m.get("inputs") != inputs:
+            return "inputs changed since it ran"
+        for name in m["outputs"]:
+            if not (scope / name).exists():
+                return f"output {name} missing"
+        present = {str(f.relative_to(scope)) for name in m["outputs"] for f in _files_under(scope / name)}
+        if present != set(files):
+            return "output files differ from the manifest"
+        for rel, info in files.items():
+            f = scope / rel
+            if f.stat().st_size != info["bytes"]:
+                return f"{rel} has {f.stat().st_size} bytes, manifest says {info['bytes']}"
+            if sha256_file(f) != info["sha256"]:
+                return f"{rel} does not match its manifest hash"
+        return None
+
+    def clear_stage(self, scope: Path, stage: str, outputs: list[str]) -> None:
+        self.manifest_path(scope, stage).unlink(missing_ok=True)
+        for name in outputs:
+            p = scope / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+
+    # --- state and metrics -----------------------------------------------------------------
+    def read_state(self) -> dict:
+        if self.state_path.exists():
+            return json.loads(self.state_path.read_text())
+        return {}
+
+    def update_state(self, **fields: Any) -> None:
+        state = self.read_state()
+        state.update(fields, updated=time.time())
+        atomic_write_json(self.state_path, state)
+
+    def log_metrics(self, record: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"time": time.time(), **record}, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line cut by a crash
+                continue
+        return rows

@@ -1,0 +1,149 @@
+"""DPO training on Accelerate, from stored reference log-probs (no reference model in memory).
+
+Each labelled pair carries the reference log-probs of both completions (computed once by the
+scoring stage) and `label` = P(a preferred). The loss is DPO's, written for soft labels so that
+ties (label 0.5) and probabilistic oracles need no special case:
+
+    z    = beta * ((logpi(a) - logref(a)) - (logpi(b) - logref(b)))
+    loss = -(label * log sigmoid(z) + (1 - label) * log sigmoid(-z))
+
+For label 1 this is exactly -log sigmoid(beta * (chosen margin - rejected margin)).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .models import completion_logprobs, load_model, load_tokenizer
+
+
+def dpo_loss(policy_a: torch.Tensor, policy_b: torch.Tensor, ref_a: torch.Tensor,
+             ref_b: torch.Tensor, label: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+    """Per-pair DPO loss and the implicit rewards of both sides."""
+    reward_a = beta * (policy_a - ref_a)
+    reward_b = beta * (policy_b - ref_b)
+    z = reward_a - reward_b
+    loss = -(label * F.logsigmoid(z) + (1 - label) * F.logsigmoid(-z))
+    return {"loss": loss, "reward_a": reward_a, "reward_b": reward_b, "margin": z}
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    history: list[dict]  # one record per optimizer step
+
+
+def gradient_accumulation(batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """Micro-batches per optimizer step so that the effective batch is `batch_size` on any world size."""
+    per_step = micro_batch_size * world_size
+    if batch_size % per_step:
+        raise ValueError(f"training.batch_size={batch_size} is not divisible by micro_batch_size "
+                         f"({micro_batch_size}) x processes ({world_size}); choose values that divide it")
+    return batch_size // per_step
+
+
+def train_dpo(pairs: pd.DataFrame, init_path: str, out_dir: Path, tcfg, seed: int,
+              pad_id: int | None = None, progress: bool = True, tensorboard_dir: str | None = None) -> TrainResult:
+    """Train a policy from `init_path` on `pairs` and save an HF checkpoint to `out_dir`.
+
+    `pairs` needs prompt_ids, tokens_a, tokens_b, ref_logp_a, ref_logp_b and label.
+    """
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import set_seed
+
+    accum = gradient_accumulation(tcfg.batch_size, tcfg.micro_batch_size, PartialState().num_processes)
+    accelerator = Accelerator(gradient_accumulation_steps=accum, mixed_precision=tcfg.mixed_precision,
+                              log_with="tensorboard" if tensorboard_dir else None,
+                              project_dir=tensorboard_dir)
+    set_seed(seed)
+    tokenizer = load_tokenizer(init_path)
+    pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
+    model = load_model(init_path, "float32")
+    if tcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if tensorboard_dir:
+        accelerator.init_trackers("dpo")
+
+    n = len(pairs)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    steps_per_epoch = math.ceil(n / tcfg.batch_size)
+    history: list[dict] = []
+    generator = torch.Generator().manual_seed(seed)
+    start = time.time()
+    bar = tqdm(total=steps_per_epoch * tcfg.epochs, desc="train", disable=not progress or rank != 0, unit="step")
+    model.train()
+    for epoch in range(tcfg.epochs):
+        order = torch.randperm(n, generator=generator).tolist()
+        for step in range(steps_per_epoch):
+            batch_rows = order[step * tcfg.batch_size: (step + 1) * tcfg.batch_size]
+            micro = [batch_rows[i: i + tcfg.micro_batch_size]
+                     for i in range(0, len(batch_rows), tcfg.micro_batch_size)]
+            mine = micro[rank::world]
+            stats = torch.zeros(4)  # loss sum, correct, decided pairs, margin sum
+            for i in range(accum):
+                rows = pairs.iloc[mine[i]] if i < len(mine) else pairs.iloc[[]]
+                with accelerator.accumulate(model):
+                    out = _micro_step(model, rows, pad_id, tcfg.beta)
+                    # Every pair of the effective batch weighs the same: backward() divides by
+                    # accum and DDP averages over ranks, which this scaling undoes.
+                    loss = out["loss"].sum() * world * accum / len(batch_rows) if len(rows) else _zero_loss(model)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                if len(rows):
+                    label = torch.tensor(rows["label"].values, dtype=torch.float32)
+                    decided = label != 0.5
+                    correct = ((out["margin"].detach() > 0) == (label > 0.5)) & decided
+                    stats += torch.tensor([out["loss"].detach().sum().item(), correct.sum().item(),
+                                           decided.sum().item(), out["margin"].detach().sum().item()])
+            stats = accelerator.reduce(stats.to(accelerator.device), reduction="sum").cpu()
+            record = {"epoch": epoch, "step": len(history), "loss": stats[0].item() / len(batch_rows),
+                      "reward_accuracy": stats[1].item() / max(stats[2].item(), 1),
+                      "margin": stats[3].item() / len(batch_rows)}
+            history.append(record)
+            if tensorboard_dir:
+                accelerator.log({f"train/{k}": v for k, v in record.items()}, step=record["step"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['reward_accuracy']:.2f}")
+    bar.close()
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out_dir)
+    accelerator.wait_for_everyone()
+    if tensorboard_dir:
+        accelerator.end_training()
+    return TrainResult(steps=len(history), seconds=time.time() - start, history=history)
+
+
+def _micro_step(model, rows: pd.DataFrame, pad_id: int, beta: float) -> dict[str, torch.Tensor]:
+    """One forward pass over both completions of every pair in `rows`."""
+    prompts = list(rows["prompt_ids"])
+    completions = list(rows["tokens_a"]) + list(rows["tokens_b"])
+    logp, _, _ = completion_logprobs(model, prompts + prompts, completions, pad_id)
+    k = len(rows)
+    device = logp.device
+    as_tensor = lambda col: torch.tensor(rows[col].values, dtype=torch.float32, device=device)  # noqa: E731
+    return dpo_loss(logp[:k], logp[k:], as_tensor("ref_logp_a"), as_tensor("ref_logp_b"),
+                    as_tensor("label"), beta)
+
+
+def _zero_loss(model) -> torch.Tensor:
+    """A loss of 0 that still touches every parameter (keeps ranks in step under DDP)."""
+    return sum(p.sum() * 0.0 for p in model.parameters())

@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny Llama with a tokenizer trained on the fly, and a prompt file.
+
+The model is random (2 layers, hidden 128, 2 heads of dim 64: the head size vLLM's CPU kernels
+accept), so tests are fast and need nothing from a hub.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+WORDS = ("the movie film story plot actor actress scene director was is a an and but not very "
+         "good bad great terrible wonderful awful boring funny sad happy love hate best worst "
+         "beautiful ugly slow fast brilliant dull charming weak strong moving silly smart "
+         "script music ending characters performance cast some all too quite really never always").split()
+
+
+def make_sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 18))).capitalize() + "."
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(make_sentences(2000), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<pad>")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved 2-layer Llama + tokenizer folder, loadable by transformers (and vLLM)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=64,
+                         max_position_embeddings=256, bos_token_id=tiny_tokenizer.bos_token_id,
+                         eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    with open(path, "w") as f:
+        for s in make_sentences(600, seed=1):
+            f.write(json.dumps({"text": " ".join(s.split()[:5])}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(tiny_model_dir, prompt_file) -> list[str]:
+    """Config overrides for a fast end-to-end run on the tiny model."""
+    return [f"model.policy={tiny_model_dir}", "data.source=file", f"data.path={prompt_file}",
+            "data.n_eval=24", "generation.max_new_tokens=6", "acquisition.labels_per_round=8",
+            "acquisition.prompt_factor=2", "acquisition.pair_factor=2", "scoring.entropy_samples=3",
+            "training.epochs=1", "training.batch_size=4", "training.micro_batch_size=2",
+            "training.lr=1e-3", "loop.rounds=2", "loop.num_threads=1"]
