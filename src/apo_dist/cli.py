@@ -57,6 +57,9 @@ def cmd_run(args) -> int:
     except ResumeRefused as e:
         print(f"refusing to resume: {e}", file=sys.stderr)
         return 3
+    except NotImplementedError as e:
+        print(f"not available: {e}", file=sys.stderr)
+        return 4
     return 0
 
 

