@@ -170,6 +170,30 @@ def test_more_rounds_extend_a_finished_run(tmp_path, hybrid, reference_run):
 @pytest.mark.parametrize("function", ["random", "entropy", "certainty", "uncertainty"])
 def test_each_acquisition_function_runs_end_to_end(tmp_path, tiny_overrides, function):
     run_dir = tmp_path / "run"
-    assert run_cli(run_dir, [*tiny_overrides, f"acquisition.function={function}", "loop.rounds=1"]) == 0
+    extra = ["loop.tensorboard=true", "training.init=previous"] if function == "random" else []
+    assert run_cli(run_dir, [*tiny_overrides, f"acquisition.function={function}", "loop.rounds=1", *extra]) == 0
     assert len(all_labels(run_dir)) == 8
     assert (run_dir / "round_0000" / "entropy_samples.parquet").exists() == (function == "entropy")
+    assert any(run_dir.glob("tensorboard/**/events.out.tfevents.*")) == (function == "random")
+
+
+def test_status_and_report_commands(reference_run, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    (run_dir / "report.md").unlink()
+    assert main(["report", str(run_dir)]) == 0
+    assert "| 1 | 16 |" in (run_dir / "report.md").read_text()
+    assert main(["status", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    n = sum(request_counts(run_dir).values())  # label and eval comparisons
+    assert "status: done" in out and "round 1: labels 16" in out and f"{n} answers, {n} oracle requests" in out
+    assert main(["status", str(tmp_path / "nothing")]) == 1
+
+
+def test_train_log_has_one_record_per_step(reference_run):
+    lines = (reference_run / "round_0001" / "train_log.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 4  # 16 pairs, batch 4, 1 epoch
+    assert {"loss", "reward_accuracy", "chosen_reward", "rejected_reward", "margin"} <= set(records[0])

@@ -168,7 +168,7 @@ class Coordinator:
                   lambda: self.make_acquired(r)),
             Stage("labels", ["labels.parquet"], {"acquired": (rd, "acquired")},
                   lambda: self.make_labels(r)),
-            Stage("train", ["policy"],
+            Stage("train", ["policy", "train_log.jsonl"],
                   {**{f"labels_{q}": (self.rd.round_dir(q), "labels") for q in range(r + 1)},
                    **(policy if self.cfg.training.init == "previous" else {})},
                   lambda: self.make_policy(r)),
@@ -312,6 +312,8 @@ class Coordinator:
         result = train_dpo(pairs, init, self.rd.round_dir(r) / "policy", self.cfg.training,
                            seed=stage_seed(self.cfg.seed, r, "train"), progress=self.progress,
                            tensorboard_dir=tb)
+        atomic_write_text(self.rd.round_dir(r) / "train_log.jsonl",
+                          "".join(json.dumps(h) + "\n" for h in result.history))
         last = result.history[-1]
         return {"pairs": len(pairs), "steps": result.steps, "train_seconds": round(result.seconds, 2),
                 "pairs_per_second": round(len(pairs) * self.cfg.training.epochs / result.seconds, 3),

@@ -12,6 +12,7 @@ For label 1 this is exactly -log sigmoid(beta * (chosen margin - rejected margin
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,7 @@ def train_dpo(pairs: pd.DataFrame, init_path: str, out_dir: Path, tcfg, seed: in
             micro = [batch_rows[i: i + tcfg.micro_batch_size]
                      for i in range(0, len(batch_rows), tcfg.micro_batch_size)]
             mine = micro[rank::world]
-            stats = torch.zeros(4)  # loss sum, correct, decided pairs, margin sum
+            stats = torch.zeros(6)  # loss, correct, decided, chosen reward, rejected reward, margin (sums)
             for i in range(accum):
                 rows = pairs.iloc[mine[i]] if i < len(mine) else pairs.iloc[[]]
                 with accelerator.accumulate(model):
@@ -104,15 +105,12 @@ def train_dpo(pairs: pd.DataFrame, init_path: str, out_dir: Path, tcfg, seed: in
                     optimizer.step()
                     optimizer.zero_grad()
                 if len(rows):
-                    label = torch.tensor(rows["label"].values, dtype=torch.float32)
-                    decided = label != 0.5
-                    correct = ((out["margin"].detach() > 0) == (label > 0.5)) & decided
-                    stats += torch.tensor([out["loss"].detach().sum().item(), correct.sum().item(),
-                                           decided.sum().item(), out["margin"].detach().sum().item()])
-            stats = accelerator.reduce(stats.to(accelerator.device), reduction="sum").cpu()
-            record = {"epoch": epoch, "step": len(history), "loss": stats[0].item() / len(batch_rows),
-                      "reward_accuracy": stats[1].item() / max(stats[2].item(), 1),
-                      "margin": stats[3].item() / len(batch_rows)}
+                    stats += _batch_stats(out, torch.tensor(rows["label"].values, dtype=torch.float32))
+            stats = accelerator.reduce(stats.to(accelerator.device), reduction="sum").cpu().tolist()
+            decided = max(stats[2], 1)
+            record = {"epoch": epoch, "step": len(history), "loss": stats[0] / len(batch_rows),
+                      "reward_accuracy": stats[1] / decided, "chosen_reward": stats[3] / decided,
+                      "rejected_reward": stats[4] / decided, "margin": stats[5] / decided}
             history.append(record)
             if tensorboard_dir:
                 accelerator.log({f"train/{k}": v for k, v in record.items()}, step=record["step"])
@@ -123,6 +121,7 @@ def train_dpo(pairs: pd.DataFrame, init_path: str, out_dir: Path, tcfg, seed: in
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         tmp.rename(out_dir)
@@ -142,6 +141,17 @@ def _micro_step(model, rows: pd.DataFrame, pad_id: int, beta: float) -> dict[str
     as_tensor = lambda col: torch.tensor(rows[col].values, dtype=torch.float32, device=device)  # noqa: E731
     return dpo_loss(logp[:k], logp[k:], as_tensor("ref_logp_a"), as_tensor("ref_logp_b"),
                     as_tensor("label"), beta)
+
+
+def _batch_stats(out: dict[str, torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+    """Sums over the pairs with a decided label (not 0.5): see the `stats` columns in train_dpo."""
+    decided = label != 0.5
+    a_wins = label > 0.5
+    ra, rb = out["reward_a"].detach().cpu(), out["reward_b"].detach().cpu()
+    chosen, rejected = torch.where(a_wins, ra, rb), torch.where(a_wins, rb, ra)
+    return torch.tensor([out["loss"].detach().sum().item(), ((chosen > rejected) & decided).sum().item(),
+                         decided.sum().item(), chosen[decided].sum().item(), rejected[decided].sum().item(),
+                         (chosen - rejected)[decided].sum().item()])
 
 
 def _zero_loss(model) -> torch.Tensor:
