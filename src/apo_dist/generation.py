@@ -1,7 +1,9 @@
 """Candidate generation behind one small backend interface.
 
-A backend turns prompt token ids into `n` sampled completions each and returns a table with one
-row per completion:
+A backend samples `n` completions for each prompt (token ids) from the model saved at `model_path`
+and returns a table with one row per completion. The coordinator creates one backend per run and
+passes the current policy's path on every call: a backend that keeps weights loaded (an engine, a
+pool of servers) swaps them when the path changes. Columns:
 
     prompt_index   position of the prompt in the input list
     sample         0..n-1
@@ -14,7 +16,7 @@ row per completion:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import pandas as pd
 import torch
@@ -34,27 +36,31 @@ class SamplingParams:
 
 
 class Backend(Protocol):
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> pd.DataFrame: ...
+    def generate(self, model_path: str, prompt_ids: list[list[int]], params: SamplingParams) -> pd.DataFrame: ...
 
     def close(self) -> None: ...
 
 
 class HFBackend:
-    """Reference backend: batched `model.generate` with left padding."""
+    """Reference backend: batched `model.generate` with left padding.
 
-    def __init__(self, model, tokenizer, batch_size: int = 32, progress: bool = True):
-        self.model = model.eval()
+    `load(model_path)` returns the model (the coordinator passes its cache of loaded models).
+    """
+
+    def __init__(self, load: Callable[[str], object], tokenizer, batch_size: int = 32, progress: bool = True):
+        self.load = load
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.progress = progress
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> pd.DataFrame:
+    def generate(self, model_path: str, prompt_ids: list[list[int]], params: SamplingParams) -> pd.DataFrame:
+        model = self.load(model_path).eval()
         torch.manual_seed(params.seed)
         rows = []
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
-        device = next(self.model.parameters()).device
+        device = next(model.parameters()).device
         starts = range(0, len(prompt_ids), self.batch_size)
         for start in tqdm(starts, desc=f"generate n={params.n}", disable=not self.progress, unit="batch"):
             batch = prompt_ids[start: start + self.batch_size]
@@ -62,7 +68,7 @@ class HFBackend:
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
             sample = params.temperature > 0
-            out = self.model.generate(
+            out = model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=sample,
                 temperature=params.temperature if sample else None,
                 top_p=params.top_p if sample else None,
@@ -95,7 +101,8 @@ class HFBackend:
         pass
 
 
-def make_backend(cfg, model, tokenizer, progress: bool = True) -> Backend:
+def make_backend(cfg, load: Callable[[str], object], tokenizer, progress: bool = True) -> Backend:
+    """The generation backend named by `generation.backend`."""
     if cfg.generation.backend == "hf":
-        return HFBackend(model, tokenizer, cfg.generation.batch_size, progress)
+        return HFBackend(load, tokenizer, cfg.generation.batch_size, progress)
     raise ValueError(f"unknown generation backend {cfg.generation.backend!r}")

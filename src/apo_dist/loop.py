@@ -71,6 +71,7 @@ class Coordinator:
         self.echo = echo
         self.cache = assets.cache_dir(cfg.assets_dir)
         self._model: tuple[str, object] | None = None
+        self._backend = None
         self._store: LabelStore | None = None
 
     # --- setup -----------------------------------------------------------------------------
@@ -112,6 +113,13 @@ class Coordinator:
     # --- the state machine -----------------------------------------------------------------
     def run(self) -> list[dict]:
         self.prepare()
+        try:
+            return self._run()
+        finally:
+            if self._backend is not None:
+                self._backend.close()
+
+    def _run(self) -> list[dict]:
         self.rd.update_state(status="running", reason="")
         root = self.rd.root
         for stage in (self.stage_prompts(), self.stage_eval_reference()):
@@ -336,9 +344,9 @@ class Coordinator:
     # --- helpers ---------------------------------------------------------------------------
     def generate(self, model_path: str, prompts: pd.DataFrame, params: SamplingParams) -> pd.DataFrame:
         """Completions for every row of `prompts` (prompt_id, prompt, prompt_ids), one row each."""
-        backend = make_backend(self.cfg, self.model(model_path), self.tokenizer, progress=self.progress)
-        out = backend.generate([list(p) for p in prompts["prompt_ids"]], params)
-        backend.close()
+        if self._backend is None:
+            self._backend = make_backend(self.cfg, self.model, self.tokenizer, progress=self.progress)
+        out = self._backend.generate(model_path, [list(p) for p in prompts["prompt_ids"]], params)
         meta = prompts.iloc[out["prompt_index"].values].reset_index(drop=True)
         return pd.concat([meta[["prompt_id", "prompt", "prompt_ids"]], out.drop(columns="prompt_index")], axis=1)
 
