@@ -74,3 +74,20 @@ def tiny_overrides(tiny_model_dir, prompt_file) -> list[str]:
             "acquisition.prompt_factor=2", "acquisition.pair_factor=2", "scoring.entropy_samples=3",
             "training.epochs=1", "training.batch_size=4", "training.micro_batch_size=2",
             "training.lr=1e-3", "loop.rounds=2", "loop.num_threads=1"]
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory, tiny_model_dir):
+    """ONE real vLLM server (fp32) on the tiny model for the whole session, stopped at the end."""
+    from apo_dist.vllm_engine import vllm_support
+    from apo_dist.vllm_servers import EngineOptions, LocalServers
+
+    usable, why = vllm_support()
+    if not usable:
+        pytest.skip(why)
+    servers = LocalServers(1, tmp_path_factory.mktemp("vllm_server"), EngineOptions(dtype="float32"))
+    try:
+        servers.start(str(tiny_model_dir))
+        yield servers
+    finally:
+        servers.stop()

@@ -144,3 +144,12 @@ def test_train_dpo_is_deterministic(trained, pairs, tiny_model_dir, tmp_path):
     a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_short_last_batch_with_fewer_micro_batches_than_accumulation(pairs, tiny_model_dir, tmp_path):
+    """5 pairs, batch 4 of micro-batches of 2: the last step has one micro-batch of one pair."""
+    from types import SimpleNamespace
+
+    tcfg = SimpleNamespace(**{**vars(TCFG), "epochs": 1, "batch_size": 4, "micro_batch_size": 2})
+    result = train_dpo(pairs.iloc[:5], str(tiny_model_dir), tmp_path / "policy", tcfg, seed=0, progress=False)
+    assert result.steps == 2 and all(h["loss"] > 0 for h in result.history)

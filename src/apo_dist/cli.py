@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     report = sub.add_parser("report", help="write report.md and winrate.png for a run")
     report.add_argument("run_dir")
 
+    export = sub.add_parser("export-labels", help="write every answer of a label store to a parquet file")
+    export.add_argument("store", help="a labels.sqlite (a run's, or a shared oracle.store)")
+    export.add_argument("out", help="output .parquet (load with datasets.load_dataset('parquet', data_files=OUT))")
+
     assets = sub.add_parser("assets", help="fetch and convert the offline model and prompt pool")
     assets.add_argument("--cache-dir", default="", help="default: $APO_DIST_CACHE or ~/.cache/apo-dist")
 
@@ -37,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
     try:
-        return {"run": cmd_run, "status": cmd_status, "report": cmd_report, "assets": cmd_assets}[args.command](args)
+        return {"run": cmd_run, "status": cmd_status, "report": cmd_report, "assets": cmd_assets,
+                "export-labels": cmd_export_labels}[args.command](args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -45,21 +50,29 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_run(args) -> int:
     from .config import load_config
-    from .loop import Coordinator, ResumeRefused
+    from .generation import choose_backend
+    from .launcher import StageFailed
+    from .loop import BudgetExhausted, Coordinator, ResumeRefused
+    from .oracle import OracleError
 
     cfg = load_config(args.config, args.overrides)
     run_dir = args.run_dir or os.path.join("runs", cfg.name)
+    backend, why = choose_backend(cfg)
     print(f"run {cfg.name}: {cfg.acquisition.function} acquisition, {cfg.loop.rounds} rounds x "
-          f"{cfg.acquisition.labels_per_round} labels, generation backend {cfg.generation.backend}, "
+          f"{cfg.acquisition.labels_per_round} labels, generation backend {backend} ({why}), "
           f"run directory {run_dir}", flush=True)
+    # Each way a run can end early: (exception, exit code, message format).
+    endings = [(ResumeRefused, 3, "refusing to resume: {}"),
+               (NotImplementedError, 4, "not available: {}"),
+               (StageFailed, 5, "stage failed: {}"),
+               (BudgetExhausted, 6, "stopped: {}; everything so far is saved (raise the budget and run again to continue)"),
+               (OracleError, 7, "oracle failed: {}; answers received so far are saved")]
     try:
         Coordinator(cfg, run_dir, progress=not args.no_progress).run()
-    except ResumeRefused as e:
-        print(f"refusing to resume: {e}", file=sys.stderr)
-        return 3
-    except NotImplementedError as e:
-        print(f"not available: {e}", file=sys.stderr)
-        return 4
+    except tuple(kind for kind, _, _ in endings) as e:
+        code, message = next((c, m) for kind, c, m in endings if isinstance(e, kind))
+        print(message.format(e), file=sys.stderr)
+        return code
     return 0
 
 
@@ -81,8 +94,10 @@ def cmd_status(args) -> int:
         from .oracle import LabelStore
 
         store = LabelStore(rd.labels_db)
-        counts = store.request_counts()
-        print(f"label store: {len(store.export())} answers, {int(counts['n'].sum()) if len(counts) else 0} oracle requests")
+        t, mine = store.totals(), store.totals(run=str(rd.root.resolve()))
+        print(f"label store: {t['answers']} answers, {t['requests']} oracle requests, {t['unlabelable']} unlabelable; "
+              f"this run paid for {mine['answers']} ({mine['input_tokens']} + {mine['output_tokens']} tokens, "
+              f"${mine['cost']:.4f})")
         store.close()
     return 0
 
@@ -91,6 +106,21 @@ def cmd_report(args) -> int:
     from .report import write_report
 
     print(write_report(args.run_dir))
+    return 0
+
+
+def cmd_export_labels(args) -> int:
+    from .oracle import LabelStore
+    from .rundir import write_table
+
+    if not Path(args.store).is_file():
+        print(f"{args.store}: no label store here", file=sys.stderr)
+        return 1
+    store = LabelStore(args.store)
+    table = store.export()
+    store.close()
+    write_table(Path(args.out), table)
+    print(f"{len(table)} answers -> {args.out}")
     return 0
 
 

@@ -7,15 +7,19 @@ allowed, before any model is loaded.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 ASSET_PREFIX = "asset:"
 ACQUISITION_FUNCTIONS = ("random", "entropy", "certainty", "uncertainty", "hybrid")
+GENERATION_BACKENDS = ("hf", "vllm", "vllm_server", "auto")
+ORACLE_KINDS = ("sentiment", "llm_judge", "reward_model", "custom")
+JUDGE_TASKS = ("sentiment", "summary", "helpfulness")
 
 
 class ConfigError(ValueError):
@@ -45,8 +49,36 @@ class DataConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """vLLM engine options, for the offline engine and for servers the coordinator starts."""
+
+    dtype: str = ""  # empty = model.dtype
+    tensor_parallel_size: int = 1
+    max_model_len: int = 0  # 0 = the model's own
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = 0.85  # GPU only
+    kv_cache_gb: int = 1  # CPU only (VLLM_CPU_KVCACHE_SPACE)
+    seed: int = 0
+    # Weight probe: max |mean per-token log-prob| gap to the HF scorer; null = by dtype (1e-3 for fp32)
+    probe_tolerance: Optional[float] = None
+
+
+@dataclass
+class ServersConfig:
+    """The vllm_server backend: OpenAI-compatible vLLM servers, given or started here."""
+
+    urls: list[str] = field(default_factory=list)  # base URLs, e.g. http://node1:8000/v1
+    num_local: int = 0  # servers the coordinator starts on this machine (logs in <run>/servers/)
+    model: str = ""  # model name the given servers answer to; empty = ask /v1/models
+    concurrency: int = 64  # requests in flight over the whole pool
+    max_retries: int = 5
+    request_timeout: float = 600.0
+    startup_timeout: float = 600.0
+
+
+@dataclass
 class GenerationConfig:
-    backend: str = "hf"  # hf (later: vllm, vllm_server)
+    backend: str = "hf"  # hf | vllm (offline engine) | vllm_server (server pool) | auto
     max_new_tokens: int = 20
     fixed_length: bool = True  # suppress EOS so every completion has max_new_tokens tokens
     pair_temperature: float = 0.7  # the two completions of a candidate pair
@@ -54,6 +86,8 @@ class GenerationConfig:
     top_p: float = 1.0
     top_k: int = 0
     batch_size: int = 32
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    servers: ServersConfig = field(default_factory=ServersConfig)
 
 
 @dataclass
@@ -61,6 +95,8 @@ class ScoringConfig:
     batch_size: int = 32
     entropy_samples: int = 8  # N in the Monte Carlo entropy estimate
     entropy_estimator: str = "mc"  # mc: -mean log p(y_n|x); token: mean per-token entropy
+    # mc only: take log p(y_n|x) from the sampled-token log-probs of generation (no scoring pass)
+    entropy_from_generation: bool = False
 
 
 @dataclass
@@ -72,16 +108,38 @@ class AcquisitionConfig:
 
 
 @dataclass
+class Price:
+    input: float = 0.0  # dollars per 1M input (prompt) tokens
+    output: float = 0.0  # dollars per 1M output (completion) tokens
+
+
+@dataclass
 class OracleConfig:
-    kind: str = "sentiment"  # sentiment | llm_judge
-    noise: str = "none"  # none | bradley_terry
+    kind: str = "sentiment"  # sentiment | llm_judge | reward_model | custom
+    noise: str = "none"  # none | bradley_terry (sentiment and reward_model)
     noise_temperature: float = 0.1  # Bradley-Terry temperature on the score difference
-    # llm_judge fields (OpenAI-compatible endpoint). The key itself never goes in a config.
-    base_url: str = ""
-    model: str = ""
+    # llm_judge: an OpenAI-compatible endpoint. The key itself never goes in a config.
+    base_url: str = ""  # empty = the client's default (api.openai.com)
+    model: str = ""  # llm_judge: served model name; reward_model: HF folder or hub id
     api_key_env: str = "OPENAI_API_KEY"
     temperature: float = 0.05
     task: str = "sentiment"  # sentiment | summary | helpfulness
+    answer: str = "text"  # text: comparison then an A/B line; logprob: one token, P(A) vs P(B)
+    both_orders: bool = False  # ask A/B and B/A, average, record agreement
+    max_tokens: int = 128  # text answers
+    max_reasks: int = 2  # unparseable answers asked again before the pair is unlabelable
+    max_concurrency: int = 16  # requests in flight
+    requests_per_minute: int = 0  # 0 = unlimited
+    tokens_per_minute: int = 0  # 0 = unlimited
+    timeout: float = 60.0  # seconds per request
+    max_retries: int = 8  # per request, on 429/5xx/timeouts/connection errors/malformed replies
+    prices: Dict[str, Price] = field(default_factory=dict)  # model -> price per 1M tokens
+    # custom: a user's labeller, "package.module:function"
+    function: str = ""
+    batch_size: int = 64  # pairs per oracle call; each call's answers are committed together
+    # run-wide budgets (0 = unlimited), checked at stage boundaries
+    max_labels: int = 0  # training labels (rows of labels.parquet, all rounds)
+    max_cost: float = 0.0  # dollars this run paid for oracle answers (labels and eval)
     store: str = ""  # label store path; empty means <run_dir>/labels.sqlite
 
 
@@ -97,11 +155,13 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     max_grad_norm: float = 10.0
     weight_decay: float = 0.0
+    checkpoint_every_steps: int = 50  # mid-round checkpoint (model + optimizer) for resume; 0 = off
 
 
 @dataclass
 class EvalConfig:
     temperature: float = 0.0  # 0 = greedy; the paper samples at 0.25
+    oracle: Optional[OracleConfig] = None  # the eval judge; null = the labelling oracle
 
 
 @dataclass
@@ -109,6 +169,16 @@ class LoopConfig:
     rounds: int = 2
     tensorboard: bool = False
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+
+@dataclass
+class LauncherConfig:
+    """How scoring and training run: in the coordinator's process, or as `accelerate launch` jobs."""
+
+    accelerate_config: str = ""  # an accelerate config file (launch/accelerate/*.yaml); "" = none
+    scoring_processes: int = 1
+    training_processes: int = 1
+    collective_timeout_s: int = 600  # a rank silent this long fails the stage instead of hanging it
 
 
 @dataclass
@@ -125,10 +195,21 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
 # Keys that may change when a run is resumed: they do not alter any result already computed.
-RESUMABLE_KEYS = ("loop.rounds", "loop.tensorboard", "loop.num_threads", "assets_dir", "scoring.batch_size")
+RESUMABLE_KEYS = ("loop.rounds", "loop.tensorboard", "loop.num_threads", "assets_dir", "scoring.batch_size",
+                  "launcher.accelerate_config", "launcher.scoring_processes", "launcher.training_processes",
+                  "launcher.collective_timeout_s", "training.checkpoint_every_steps",
+                  *(f"generation.servers.{k}" for k in ("urls", "num_local", "model", "concurrency", "max_retries",
+                                                        "request_timeout", "startup_timeout")))
+
+# Oracle keys that change how answers are fetched or budgeted, never what an answer is.
+RESUMABLE_KEYS += tuple(f"{section}.{key}" for section in ("oracle", "eval.oracle")
+                        for key in ("base_url", "api_key_env", "max_concurrency", "requests_per_minute",
+                                    "tokens_per_minute", "timeout", "max_retries", "batch_size",
+                                    "max_labels", "max_cost"))
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
@@ -196,7 +277,8 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.data.max_prompt_tokens >= cfg.data.prompt_max_tokens, "data.max_prompt_tokens",
            "must be >= data.prompt_max_tokens")
     _check(cfg.data.n_eval >= 1, "data.n_eval", "must be >= 1")
-    _check_choice(cfg, "generation.backend", ("hf",))
+    _check_choice(cfg, "generation.backend", GENERATION_BACKENDS)
+    _validate_vllm(cfg)
     _check(cfg.generation.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
     for key in ("generation.pair_temperature", "generation.entropy_temperature"):
         _check(OmegaConf.select(cfg, key) > 0, key, "must be > 0 (sampling)")
@@ -206,18 +288,19 @@ def validate(cfg: DictConfig) -> None:
         _check(OmegaConf.select(cfg, key) >= 1, key, "must be >= 1")
     _check(cfg.scoring.entropy_samples >= 1, "scoring.entropy_samples", "must be >= 1")
     _check_choice(cfg, "scoring.entropy_estimator", ("mc", "token"))
+    _check(not (cfg.scoring.entropy_from_generation and cfg.scoring.entropy_estimator == "token"),
+           "scoring.entropy_from_generation", "needs scoring.entropy_estimator=mc (token needs a scoring pass)")
     _check_choice(cfg, "acquisition.function", ACQUISITION_FUNCTIONS)
     _check(cfg.acquisition.labels_per_round >= 1, "acquisition.labels_per_round", "must be >= 1")
     _check(cfg.acquisition.prompt_factor >= 1, "acquisition.prompt_factor", "must be >= 1")
     _check(cfg.acquisition.pair_factor >= 1, "acquisition.pair_factor", "must be >= 1")
-    _check_choice(cfg, "oracle.kind", ("sentiment", "llm_judge"))
-    _check_choice(cfg, "oracle.noise", ("none", "bradley_terry"))
-    _check(cfg.oracle.noise_temperature > 0, "oracle.noise_temperature", "must be > 0")
-    _check(cfg.oracle.temperature >= 0, "oracle.temperature", "must be >= 0")
-    _check(not cfg.oracle.api_key_env.startswith("sk-"), "oracle.api_key_env",
-           "must be the NAME of an environment variable, not the key itself")
-    if cfg.oracle.kind == "llm_judge":
-        _check(bool(cfg.oracle.model), "oracle.model", "required for oracle.kind=llm_judge")
+    _validate_oracle(cfg, "oracle")
+    _check(cfg.oracle.max_labels >= 0, "oracle.max_labels", "must be >= 0 (0 = unlimited)")
+    _check(cfg.oracle.max_cost >= 0, "oracle.max_cost", "must be >= 0 (0 = unlimited)")
+    if cfg.eval.oracle is not None:
+        _validate_oracle(cfg, "eval.oracle")
+        _check(cfg.eval.oracle.max_labels == 0 and cfg.eval.oracle.max_cost == 0, "eval.oracle.max_labels",
+               "budgets are run-wide: set oracle.max_labels / oracle.max_cost (they count eval calls too)")
     _check(cfg.training.beta > 0, "training.beta", "must be > 0")
     _check(cfg.training.lr > 0, "training.lr", "must be > 0")
     _check(cfg.training.epochs >= 1, "training.epochs", "must be >= 1")
@@ -227,9 +310,65 @@ def validate(cfg: DictConfig) -> None:
     _check_choice(cfg, "training.init", ("sft", "previous"))
     _check_choice(cfg, "training.mixed_precision", ("no", "bf16"))
     _check(cfg.training.max_grad_norm > 0, "training.max_grad_norm", "must be > 0")
+    _check(cfg.training.checkpoint_every_steps >= 0, "training.checkpoint_every_steps", "must be >= 0 (0 = off)")
     _check(cfg.eval.temperature >= 0, "eval.temperature", "must be >= 0 (0 = greedy)")
     _check(cfg.loop.rounds >= 1, "loop.rounds", "must be >= 1")
     _check(cfg.loop.num_threads >= 0, "loop.num_threads", "must be >= 0")
+    for key in ("launcher.scoring_processes", "launcher.training_processes", "launcher.collective_timeout_s"):
+        _check(OmegaConf.select(cfg, key) >= 1, key, "must be >= 1")
+    if cfg.launcher.accelerate_config:
+        _check(Path(cfg.launcher.accelerate_config).expanduser().is_file(), "launcher.accelerate_config",
+               f"file not found: {cfg.launcher.accelerate_config} (see launch/accelerate/)")
+
+
+def _validate_oracle(cfg: DictConfig, section: str) -> None:
+    o = OmegaConf.select(cfg, section)
+    _check_choice(cfg, f"{section}.kind", ORACLE_KINDS)
+    _check_choice(cfg, f"{section}.noise", ("none", "bradley_terry"))
+    _check(o.noise_temperature > 0, f"{section}.noise_temperature", "must be > 0")
+    _check(o.temperature >= 0, f"{section}.temperature", "must be >= 0")
+    _check(bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", o.api_key_env)), f"{section}.api_key_env",
+           "must be the NAME of an environment variable (letters, digits, _), not the key itself")
+    _check_choice(cfg, f"{section}.task", JUDGE_TASKS)
+    _check_choice(cfg, f"{section}.answer", ("text", "logprob"))
+    for key in ("max_tokens", "max_concurrency", "batch_size"):
+        _check(o[key] >= 1, f"{section}.{key}", "must be >= 1")
+    for key in ("max_reasks", "max_retries", "requests_per_minute", "tokens_per_minute"):
+        _check(o[key] >= 0, f"{section}.{key}", "must be >= 0 (0 = unlimited for the rate limits)")
+    _check(o.timeout > 0, f"{section}.timeout", "must be > 0 (seconds)")
+    for model, price in o.prices.items():
+        _check(price.input >= 0 and price.output >= 0, f"{section}.prices.{model}", "prices must be >= 0")
+    if o.kind in ("llm_judge", "reward_model"):
+        _check(bool(o.model), f"{section}.model", f"required for {section}.kind={o.kind}")
+    if o.kind == "custom":
+        _check(bool(re.fullmatch(r"[\w.]+:[\w.]+", o.function)), f"{section}.function",
+               f"got {o.function!r}; kind=custom needs package.module:function")
+    if o.kind == "llm_judge" and cfg.oracle.max_cost > 0:
+        _check(o.model in o.prices, f"{section}.prices",
+               f"oracle.max_cost is set but there is no price for model {o.model!r}; add "
+               f"{section}.prices.{o.model}.input and .output (dollars per 1M tokens)")
+
+
+def _validate_vllm(cfg: DictConfig) -> None:
+    v, s = cfg.generation.vllm, cfg.generation.servers
+    if v.dtype:
+        _check_choice(cfg, "generation.vllm.dtype", ("float32", "bfloat16", "float16"))
+    for key in ("tensor_parallel_size", "kv_cache_gb"):
+        _check(v[key] >= 1, f"generation.vllm.{key}", "must be >= 1")
+    _check(v.max_model_len >= 0, "generation.vllm.max_model_len", "must be >= 0 (0 = the model's own)")
+    _check(0 < v.gpu_memory_utilization <= 1, "generation.vllm.gpu_memory_utilization", "must be in (0, 1]")
+    _check(v.probe_tolerance is None or v.probe_tolerance > 0, "generation.vllm.probe_tolerance",
+           "must be > 0, or null for the default of the dtype")
+    _check(s.num_local >= 0, "generation.servers.num_local", "must be >= 0")
+    for key in ("concurrency", "request_timeout", "startup_timeout"):
+        _check(s[key] > 0, f"generation.servers.{key}", "must be > 0")
+    _check(s.max_retries >= 0, "generation.servers.max_retries", "must be >= 0")
+    for url in s.urls:
+        _check(url.startswith(("http://", "https://")), "generation.servers.urls",
+               f"{url!r} is not an http(s) base URL like http://host:8000/v1")
+    if cfg.generation.backend == "vllm_server":
+        _check(bool(s.urls) or s.num_local > 0, "generation.servers.urls",
+               "generation.backend=vllm_server needs server URLs or generation.servers.num_local >= 1")
 
 
 def _check_model_path(key: str, value: str) -> None:

@@ -16,6 +16,7 @@ pool of servers) swaps them when the path changes. Columns:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol
 
 import pandas as pd
@@ -39,6 +40,14 @@ class Backend(Protocol):
     def generate(self, model_path: str, prompt_ids: list[list[int]], params: SamplingParams) -> pd.DataFrame: ...
 
     def close(self) -> None: ...
+
+
+def completion_row(tokenizer, prompt_index: int, sample: int, token_ids: list[int], token_logprobs: list[float],
+                   finish_reason: str) -> dict:
+    """One row of the table every backend returns (text decoded the same way by all of them)."""
+    return {"prompt_index": prompt_index, "sample": sample, "token_ids": token_ids,
+            "token_logprobs": token_logprobs,
+            "completion": tokenizer.decode(token_ids, skip_special_tokens=True), "finish_reason": finish_reason}
 
 
 class HFBackend:
@@ -87,22 +96,41 @@ class HFBackend:
                 if not params.fixed_length and eos in tokens:
                     tokens = tokens[: tokens.index(eos) + 1]
                     finish = "stop"
-                rows.append({
-                    "prompt_index": start + j // params.n,
-                    "sample": j % params.n,
-                    "token_ids": tokens,
-                    "token_logprobs": logps[j, : len(tokens)].tolist(),
-                    "completion": self.tokenizer.decode(tokens, skip_special_tokens=True),
-                    "finish_reason": finish,
-                })
+                rows.append(completion_row(self.tokenizer, start + j // params.n, j % params.n, tokens,
+                                           logps[j, : len(tokens)].tolist(), finish))
         return pd.DataFrame(rows)
 
     def close(self) -> None:
         pass
 
 
-def make_backend(cfg, load: Callable[[str], object], tokenizer, progress: bool = True) -> Backend:
-    """The generation backend named by `generation.backend`."""
-    if cfg.generation.backend == "hf":
+def choose_backend(cfg) -> tuple[str, str]:
+    """(backend, why): `generation.backend`, with `auto` resolved to vllm where it can run, else hf."""
+    name = cfg.generation.backend
+    if name != "auto":
+        return name, "set in the config"
+    from .vllm_engine import vllm_support
+
+    usable, why = vllm_support()
+    return ("vllm", f"auto: {why}") if usable else ("hf", f"auto: {why}; using transformers generate")
+
+
+def make_backend(cfg, load: Callable[[str], object], tokenizer, workdir: str | Path,
+                 progress: bool = True) -> Backend:
+    """The generation backend named by `generation.backend`.
+
+    `load(path)` returns an HF model (generation for hf; the weight probe for the vLLM backends);
+    `workdir` (the run directory) holds vLLM caches and server logs.
+    """
+    name, _ = choose_backend(cfg)
+    if name == "hf":
         return HFBackend(load, tokenizer, cfg.generation.batch_size, progress)
-    raise ValueError(f"unknown generation backend {cfg.generation.backend!r}")
+    if name == "vllm":
+        from .vllm_engine import VLLMBackend
+
+        return VLLMBackend(cfg, load, tokenizer, Path(workdir), progress)
+    if name == "vllm_server":
+        from .vllm_servers import ServerPool
+
+        return ServerPool.from_config(cfg, load, tokenizer, Path(workdir), progress)
+    raise ValueError(f"unknown generation backend {name!r}")

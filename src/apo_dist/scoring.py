@@ -4,45 +4,60 @@ All functions take and return tables; `sequence_logprobs` is the only one that t
 """
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
 from .acquisition import certainty, implicit_reward
+from .distributed import shard_by_tokens
 from .models import completion_logprobs
+from .rundir import read_table, write_table
 
 
 @torch.no_grad()
 def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],
                       pad_id: int, batch_size: int = 32, with_entropy: bool = False,
-                      desc: str = "score", progress: bool = True) -> pd.DataFrame:
+                      desc: str = "score", progress: bool = True, shard_dir: Path | None = None) -> pd.DataFrame:
     """log p(completion | prompt) summed over completion tokens, in the input order.
 
-    Sequences are sorted by length and batched so that a batch holds similar lengths (little
-    padding); the result is put back in the input order. Columns: logp, n_tokens and, with
-    `with_entropy`, token_entropy (mean entropy of the full next-token distribution along the
-    completion).
+    Batches hold sequences of similar length (little padding). Under several processes the rows
+    are split into shards of equal token count; each rank scores its shard and writes it to
+    `shard_dir/rank_K.parquet`, and every rank reads all shards back in the input order. Every
+    rank runs the same number of forward passes, as ZeRO-3 needs. Columns: logp, n_tokens and,
+    with `with_entropy`, token_entropy (mean entropy of the full next-token distribution along
+    the completion).
     """
-    model.eval()
-    n = len(prompt_ids)
+    from accelerate import PartialState
+
+    state = PartialState()
+    rank, world = state.process_index, state.num_processes
     lengths = np.array([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)])
-    order = np.argsort(lengths, kind="stable")
-    logp = np.zeros(n)
-    n_tokens = np.zeros(n, dtype=np.int64)
-    entropy = np.full(n, np.nan)
-    for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch"):
-        idx = order[start: start + batch_size]
-        lp, nt, ent = completion_logprobs(model, [prompt_ids[i] for i in idx],
-                                          [completion_ids[i] for i in idx], pad_id, with_entropy)
-        logp[idx] = lp.cpu().numpy()
-        n_tokens[idx] = nt.cpu().numpy()
-        if with_entropy:
-            entropy[idx] = ent.cpu().numpy()
-    out = pd.DataFrame({"logp": logp, "n_tokens": n_tokens})
-    if with_entropy:
-        out["token_entropy"] = entropy
-    return out
+    shards = shard_by_tokens(lengths, world)
+    n_batches = max(math.ceil(len(s) / batch_size) for s in shards)
+    mine = shards[rank]
+    part = pd.DataFrame({"row": mine, "logp": 0.0, "n_tokens": 0, "token_entropy": np.nan})
+    for b in tqdm(range(n_batches), desc=desc, disable=not progress or rank != 0, unit="batch"):
+        idx = mine[b * batch_size: (b + 1) * batch_size]
+        # A rank that ran out of rows still joins the forward pass (ZeRO-3 gathers collectively).
+        run = idx if len(idx) else np.arange(min(1, len(prompt_ids)))
+        lp, nt, ent = completion_logprobs(model, [prompt_ids[i] for i in run],
+                                          [completion_ids[i] for i in run], pad_id, with_entropy)
+        if len(idx):
+            rows = slice(b * batch_size, b * batch_size + len(idx))
+            part.iloc[rows, 1] = lp.cpu().numpy()
+            part.iloc[rows, 2] = nt.cpu().numpy()
+            if with_entropy:
+                part.iloc[rows, 3] = ent.cpu().numpy()
+    if world > 1:
+        write_table(shard_dir / f"rank_{rank}.parquet", part)
+        state.wait_for_everyone()
+        part = pd.concat([read_table(shard_dir / f"rank_{k}.parquet") for k in range(world)])
+    out = part.sort_values("row").drop(columns="row").reset_index(drop=True)
+    return out if with_entropy else out.drop(columns="token_entropy")
 
 
 def prompt_entropy(samples: pd.DataFrame, estimator: str = "mc") -> pd.DataFrame:

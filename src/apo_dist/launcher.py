@@ -1,0 +1,73 @@
+"""Run a scoring or training stage as an `accelerate launch` job and wait for it.
+
+stdout and stderr of all ranks go to <round>/logs/STAGE.log. A failing rank makes the launcher
+stop the others; the stage then fails with the end of the log, which holds that rank's error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .rundir import RunDir
+
+
+class StageFailed(RuntimeError):
+    """A launched stage exited non-zero."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_command(cfg, stage: str, run_dir: Path, round_: int, processes: int) -> list[str]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+           "--num_machines", "1", "--main_process_port", str(free_port())]
+    if cfg.launcher.accelerate_config:
+        cmd += ["--config_file", str(Path(cfg.launcher.accelerate_config).expanduser().resolve())]
+    elif processes > 1:
+        cmd += ["--multi_gpu"]
+    if not torch.cuda.is_available():
+        threads = max(1, (os.cpu_count() or 1) // processes)
+        cmd += ["--num_cpu_threads_per_process", str(threads), "--dynamo_backend", "no", "--mixed_precision", "no"]
+    return cmd + ["-m", "apo_dist.worker", stage, "--run-dir", str(run_dir.resolve()), "--round", str(round_)]
+
+
+def uses_deepspeed(accelerate_config: str) -> bool:
+    if not accelerate_config:
+        return False
+    import yaml
+
+    return yaml.safe_load(Path(accelerate_config).expanduser().read_text()).get("distributed_type") == "DEEPSPEED"
+
+
+def launch_stage(cfg, rd: RunDir, stage: str, round_: int, processes: int) -> dict:
+    """Run `stage` of `round_` on `processes` ranks; returns the metrics rank 0 left behind."""
+    logs = rd.round_dir(round_) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    metrics = logs / f"{stage}.metrics.json"
+    metrics.unlink(missing_ok=True)
+    env = dict(os.environ)
+    env.pop("ACCELERATE_USE_CPU", None)
+    if not torch.cuda.is_available() and not uses_deepspeed(cfg.launcher.accelerate_config):
+        # The GPU launch configs run DDP on CPUs this way (over gloo). DeepSpeed must not see it:
+        # it finds the CPU by itself and would otherwise be switched off.
+        env["ACCELERATE_USE_CPU"] = "true"
+    log_path = logs / f"{stage}.log"
+    cmd = accelerate_command(cfg, stage, rd.root, round_, processes)
+    with open(log_path, "ab") as log:
+        log.write(f"\n=== {' '.join(cmd)}\n".encode())
+        log.flush()
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0 or not metrics.exists():
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
+        raise StageFailed(f"round {round_} stage {stage} failed on {processes} processes "
+                          f"(exit {proc.returncode}); end of {log_path}:\n{tail}")
+    return json.loads(metrics.read_text())

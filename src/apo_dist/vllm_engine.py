@@ -1,0 +1,194 @@
+"""vLLM generation in this process (the offline engine), and what vLLM backends share.
+
+Shared by the offline engine and the server pool (`vllm_servers`): the environment vLLM needs
+(`vllm_env`), whether vLLM can run here (`vllm_support`), per-prompt seeds, and the weight probe:
+after every weight load the engine's log-prob of a fixed text must match the HF scorer on the same
+checkpoint, so that stale weights never generate silently.
+
+vLLM returns log-probs in `raw_logprobs` mode: log-softmax of the model's logits before
+temperature, top-p or top-k, i.e. what the HF scorer computes by teacher forcing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from .generation import SamplingParams, completion_row
+from .models import completion_logprobs
+from .vllm_worker import EXTENSION, RELOAD_METHOD
+
+log = logging.getLogger("apo_dist.vllm")
+
+PROBE_TEXT = "The film was not bad at all: the cast was wonderful and the ending made me smile."
+# Default probe tolerance (mean per-token |log p| gap, nats) by engine dtype.
+PROBE_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 2e-2}
+
+
+class StaleWeightsError(RuntimeError):
+    """An engine's probe log-prob does not match the checkpoint it should be serving."""
+
+
+def vllm_support() -> tuple[bool, str]:
+    """(usable, why): vLLM imports and knows this platform."""
+    try:
+        import vllm
+        from vllm.platforms import current_platform
+    except Exception as e:  # noqa: BLE001 - any import failure means "not usable here"
+        return False, f"vllm does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if current_platform.is_unspecified():
+        return False, f"vllm {vllm.__version__} imports but supports no device on this machine"
+    return True, f"vllm {vllm.__version__} on {current_platform.device_type}"
+
+
+def cpu_ranges(k: int) -> list[str]:
+    """Split the CPUs this process may use into k contiguous ranges (shared when there are fewer)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < k:
+        return [f"{cpus[0]}-{cpus[-1]}"] * k
+    size = len(cpus) // k
+    return [f"{cpus[i * size]}-{cpus[(i + 1) * size - 1]}" for i in range(k)]
+
+
+def vllm_env(cache_dir: Path, kv_cache_gb: int, cpus: str) -> dict[str, str]:
+    """Environment for a vLLM engine (DESIGN.md section 4); CPU-only keys are ignored on GPUs."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    rpc = Path(tempfile.gettempdir()) / f"apo-dist-rpc-{os.getuid()}"  # short: ipc paths max ~107 chars
+    rpc.mkdir(exist_ok=True)
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb),
+        "VLLM_CPU_OMP_THREADS_BIND": cpus,
+        "VLLM_SERVER_DEV_MODE": "1",
+        "VLLM_CACHE_ROOT": str(cache_dir / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache_dir / "inductor"),
+        "VLLM_RPC_BASE_PATH": str(rpc),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def request_seed(seed: int, prompt_index: int) -> int:
+    """Seed of one prompt's request; vLLM gives its n samples seed + 0..n-1."""
+    return zlib.crc32(f"{seed}/{prompt_index}".encode())
+
+
+def engine_dtype(cfg) -> str:
+    return cfg.generation.vllm.dtype or cfg.model.dtype
+
+
+def probe_tolerance(cfg) -> float:
+    tol = cfg.generation.vllm.probe_tolerance
+    return PROBE_TOLERANCE[engine_dtype(cfg)] if tol is None else tol
+
+
+class Probe:
+    """A fixed text whose mean per-token log-prob identifies the weights an engine serves."""
+
+    def __init__(self, tokenizer, load: Callable[[str], object], tolerance: float):
+        self.ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"][:32]
+        self.pad_id = tokenizer.pad_token_id
+        self.load = load
+        self.tolerance = tolerance
+
+    def expected(self, model_path: str) -> float:
+        """Mean log p(token | prefix) over the probe's tokens 1.. under the HF scorer."""
+        import torch
+
+        with torch.no_grad():
+            logp, n, _ = completion_logprobs(self.load(model_path), [self.ids[:1]], [self.ids[1:]], self.pad_id)
+        return float(logp[0]) / int(n[0])
+
+    def check(self, where: str, model_path: str, token_logprobs: list[float]) -> None:
+        """Raise StaleWeightsError unless `token_logprobs` (of probe tokens 1..) match `model_path`."""
+        served = sum(token_logprobs) / len(token_logprobs)
+        want = self.expected(model_path)
+        if abs(served - want) > self.tolerance:
+            raise StaleWeightsError(
+                f"{where} does not serve the weights of {model_path}: probe mean log-prob {served:.5f}, "
+                f"HF scorer on that checkpoint {want:.5f} (tolerance {self.tolerance}). Generating now "
+                f"would sample from stale weights; the weight reload failed or went to another model.")
+        log.info("%s serves %s (probe %.5f vs %.5f)", where, model_path, served, want)
+
+
+class VLLMBackend:
+    """The vLLM offline engine in this process; weights swapped in place when the path changes."""
+
+    def __init__(self, cfg, load: Callable[[str], object], tokenizer, workdir: Path, progress: bool = True):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.probe = Probe(tokenizer, load, probe_tolerance(cfg))
+        self.workdir = Path(workdir)
+        self.progress = progress
+        self.llm = None
+        self.model_path: str | None = None
+
+    def _start(self, model_path: str) -> None:
+        from vllm import LLM
+
+        v = self.cfg.generation.vllm
+        for key, value in vllm_env(self.workdir / "vllm_cache", v.kv_cache_gb, cpu_ranges(1)[0]).items():
+            os.environ.setdefault(key, value)
+        self.llm = LLM(model=model_path, dtype=engine_dtype(self.cfg), tensor_parallel_size=v.tensor_parallel_size,
+                       max_model_len=v.max_model_len or None, enforce_eager=v.enforce_eager,
+                       gpu_memory_utilization=v.gpu_memory_utilization, seed=v.seed,
+                       logprobs_mode="raw_logprobs", worker_extension_cls=EXTENSION)
+
+    def _load(self, model_path: str) -> None:
+        """Swap weights in place and probe; restart the engine on `model_path` if either fails."""
+        self.model_path = None
+        if self.llm is None:
+            self._start(model_path)
+            self.check(model_path)
+        else:
+            try:
+                self.llm.collective_rpc(RELOAD_METHOD, kwargs={"weights_path": model_path})
+                self.llm.reset_prefix_cache()  # cached KV came from the old weights
+                self.check(model_path)
+            except Exception as e:  # noqa: BLE001 - any failure: restart on the new weights
+                log.warning("weight reload failed (%s); restarting the engine on %s", e, model_path)
+                self.close()
+                self._start(model_path)
+                self.check(model_path)
+        self.model_path = model_path
+
+    def check(self, model_path: str) -> None:
+        """Probe the engine against the HF scorer on `model_path`."""
+        from vllm import SamplingParams as VSP
+
+        out = self.llm.generate([{"prompt_token_ids": self.probe.ids}], VSP(max_tokens=1, prompt_logprobs=0),
+                                use_tqdm=False)[0]
+        served = [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], self.probe.ids[1:])]
+        self.probe.check("the vLLM offline engine", model_path, served)
+
+    def generate(self, model_path: str, prompt_ids: list[list[int]], params: SamplingParams) -> pd.DataFrame:
+        from vllm import SamplingParams as VSP
+
+        if model_path != self.model_path:
+            self._load(model_path)
+        requests = [VSP(**vllm_sampling(params), seed=request_seed(params.seed, i)) for i in range(len(prompt_ids))]
+        outs = self.llm.generate([{"prompt_token_ids": [int(t) for t in p]} for p in prompt_ids], requests, use_tqdm=self.progress)
+        rows = []
+        for i, out in enumerate(outs):
+            for k, c in enumerate(sorted(out.outputs, key=lambda c: c.index)):
+                logps = [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)]
+                rows.append(completion_row(self.tokenizer, i, k, list(c.token_ids), logps, c.finish_reason))
+        return pd.DataFrame(rows)
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+            self.model_path = None
+
+
+def vllm_sampling(params: SamplingParams) -> dict:
+    """vLLM sampling fields for `params` (the same for the engine and the completions API)."""
+    return {"n": params.n, "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+            "max_tokens": params.max_new_tokens, "logprobs": 0,
+            # like HF's min_new_tokens: EOS is masked (never sampled), not merely ignored
+            "min_tokens": params.max_new_tokens if params.fixed_length else 0}

@@ -1,0 +1,443 @@
+"""A pool of vLLM OpenAI-compatible servers: their lifecycle, and a client that generates with them.
+
+`LocalServers` starts K servers on this machine (free ports, one log file each, /health wait,
+process groups stopped on exit, SIGINT/SIGTERM, and with the parent's death). The same code runs on
+a generation node as `python -m apo_dist.vllm_servers serve --model DIR --num K --workdir D`, which
+prints the servers' base URLs and keeps them up until it is signalled.
+
+`ServerPool` is the `vllm_server` generation backend: each prompt is one /v1/completions request
+(its token ids as the prompt, `n` samples, a seed derived from the stage seed and the prompt index),
+sent to the live server with the fewest requests in flight, with bounded concurrency. A failed
+request is retried with exponential backoff; a server that stops answering /health is dropped
+and its requests go to the others. When the policy path changes, every server reloads the new
+weights in place (POST /collective_rpc reload_weights; a local server is restarted when that
+fails) and must pass the weight probe before it generates.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import ctypes
+import logging
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import httpx
+import pandas as pd
+from tqdm import tqdm
+
+from .generation import SamplingParams, completion_row
+from .vllm_worker import EXTENSION, RELOAD_METHOD
+from .vllm_engine import Probe, StaleWeightsError, cpu_ranges, engine_dtype, probe_tolerance, request_seed, vllm_env, vllm_sampling
+
+log = logging.getLogger("apo_dist.vllm_servers")
+
+SERVED_NAME = "policy"  # the model name local servers answer to, whatever checkpoint they hold
+
+
+class ServerStartError(RuntimeError):
+    """A vLLM server did not come up; the message carries the end of its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the process that started us dies (even by SIGKILL)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def root_url(url: str) -> str:
+    """http://host:port for an OpenAI base URL http://host:port/v1."""
+    return url.rstrip("/").removesuffix("/v1")
+
+
+@dataclass
+class EngineOptions:
+    """vLLM engine settings shared by every server of a pool."""
+    dtype: str = "float32"
+    max_model_len: int = 0  # 0 = the model's own
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = 0.85
+    kv_cache_gb: int = 1
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg) -> "EngineOptions":
+        v = cfg.generation.vllm
+        return cls(engine_dtype(cfg), v.max_model_len, v.tensor_parallel_size, v.enforce_eager,
+                   v.gpu_memory_utilization, v.kv_cache_gb, v.seed)
+
+    def args(self) -> list[str]:
+        return ["--dtype", self.dtype, *(["--max-model-len", str(self.max_model_len)] if self.max_model_len else []),
+                "--tensor-parallel-size", str(self.tensor_parallel_size),
+                "--gpu-memory-utilization", str(self.gpu_memory_utilization), "--seed", str(self.seed),
+                "--logprobs-mode", "raw_logprobs", "--worker-extension-cls", EXTENSION,
+                "--disable-uvicorn-access-log", "--disable-log-stats",
+                *(["--enforce-eager"] if self.enforce_eager else [])]
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group `pgid`, read from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _wait_until_group_gone(pgid: int, timeout: float = 30) -> None:
+    """SIGKILL is delivered at once but a big process takes a moment to exit: wait for it."""
+    deadline = time.monotonic() + timeout
+    while group_members(pgid) and time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+
+
+class LocalServers:
+    """K vLLM servers on this machine, each in its own process group, logging to <workdir>/servers/."""
+
+    def __init__(self, num: int, workdir: Path, options: EngineOptions, host: str = "127.0.0.1",
+                 startup_timeout: float = 600):
+        self.num = num
+        self.dir = Path(workdir) / "servers"
+        self.options = options
+        self.host = host
+        self.startup_timeout = startup_timeout
+        self.procs: list[subprocess.Popen | None] = [None] * num
+        self.ports = [0] * num
+        self.cpus = cpu_ranges(num)
+        self._hooked = False
+
+    @property
+    def urls(self) -> list[str]:
+        host = socket.gethostname() if self.host == "0.0.0.0" else self.host
+        return [f"http://{host}:{p}/v1" for p in self.ports]
+
+    def log_path(self, i: int) -> Path:
+        return self.dir / f"server_{i}.log"
+
+    def start(self, model_path: str) -> list[str]:
+        """Start all servers on `model_path` and wait until each answers /health."""
+        self._hook_exit()
+        for i in range(self.num):
+            self._spawn(i, model_path)
+        for i in range(self.num):
+            self._wait(i)
+        return self.urls
+
+    def restart(self, i: int, model_path: str) -> None:
+        self._kill(i)
+        self._spawn(i, model_path)
+        self._wait(i)
+
+    def _spawn(self, i: int, model_path: str) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ports[i] = free_port()
+        env = {**os.environ, **vllm_env(self.dir / "cache", self.options.kv_cache_gb, self.cpus[i])}
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+               "--served-model-name", SERVED_NAME, "--host", self.host, "--port", str(self.ports[i]),
+               *self.options.args()]
+        with open(self.log_path(i), "ab") as logf:
+            logf.write(f"\n$ {' '.join(cmd)}\n".encode())
+            logf.flush()
+            self.procs[i] = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, start_new_session=True,
+                                             preexec_fn=_die_with_parent)
+        log.info("vLLM server %d starting on port %d (pid %d, log %s)", i, self.ports[i], self.procs[i].pid,
+                 self.log_path(i))
+
+    def _wait(self, i: int) -> None:
+        proc, url = self.procs[i], f"{root_url(self.urls[i])}/health"
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ServerStartError(f"vLLM server {i} exited with code {proc.returncode} while starting; "
+                                       f"end of {self.log_path(i)}:\n{log_tail(self.log_path(i))}")
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self._kill(i)
+        raise ServerStartError(f"vLLM server {i} did not answer {url} within {self.startup_timeout:.0f} s; "
+                               f"end of {self.log_path(i)}:\n{log_tail(self.log_path(i))}")
+
+    def _kill(self, i: int, grace: float = 15) -> None:
+        """SIGTERM the server's process group, SIGKILL it after `grace` seconds."""
+        proc = self.procs[i]
+        if proc is None:
+            return
+        self.procs[i] = None
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+            # the leader is gone; make sure nothing else of its group is left
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            break
+        _wait_until_group_gone(proc.pid)
+
+    def stop(self) -> None:
+        for i in range(self.num):
+            self._kill(i)
+
+    def _hook_exit(self) -> None:
+        """Stop the servers at interpreter exit, and turn SIGTERM into SystemExit so `finally` runs."""
+        if self._hooked:
+            return
+        self._hooked = True
+        atexit.register(self.stop)
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+@dataclass
+class Server:
+    url: str
+    local_index: int | None = None  # position in LocalServers, for restarts
+    alive: bool = True
+    model_path: str | None = None
+    inflight: int = field(default=0)
+
+
+class NoServerLeft(RuntimeError):
+    pass
+
+
+class ServerPool:
+    """The `vllm_server` backend: generation spread over OpenAI-compatible vLLM servers."""
+
+    def __init__(self, urls: list[str], tokenizer, probe: Probe, model: str = "", concurrency: int = 64,
+                 max_retries: int = 5, request_timeout: float = 600, local: LocalServers | None = None,
+                 progress: bool = True):
+        self.servers = [Server(u, i if local else None) for i, u in enumerate(urls)]
+        self.tokenizer = tokenizer
+        self.probe = probe
+        self.model = model or (SERVED_NAME if local else "")
+        self.concurrency = concurrency
+        self.max_retries = max_retries
+        self.request_timeout = request_timeout
+        self.local = local
+        self.progress = progress
+
+    @classmethod
+    def from_config(cls, cfg, load: Callable[[str], object], tokenizer, workdir: Path,
+                    progress: bool = True) -> "ServerPool":
+        s = cfg.generation.servers
+        local = None
+        if s.num_local:
+            local = LocalServers(s.num_local, workdir, EngineOptions.from_config(cfg),
+                                 startup_timeout=s.startup_timeout)
+        return cls(list(s.urls), tokenizer, Probe(tokenizer, load, probe_tolerance(cfg)), s.model,
+                   s.concurrency, s.max_retries, s.request_timeout, local, progress)
+
+    # --- weights ---------------------------------------------------------------------------
+    def ensure_weights(self, model_path: str) -> None:
+        """Every live server serves `model_path` and passes the probe; dead ones are left out."""
+        if self.local is not None and all(p is None for p in self.local.procs):
+            urls = self.local.start(model_path)
+            self.servers = [Server(u, i, model_path=model_path) for i, u in enumerate(urls)] + \
+                [s for s in self.servers if s.local_index is None]
+            for s in self.servers[: len(urls)]:
+                self.check(s, model_path)
+        for s in self.servers:
+            s.alive = self.healthy(s)
+        live = [s for s in self.servers if s.alive]
+        if not live:
+            raise NoServerLeft(f"no vLLM server answers /health: {', '.join(s.url for s in self.servers)}")
+        if not self.model:
+            self.model = httpx.get(f"{live[0].url}/models", timeout=30).json()["data"][0]["id"]
+        for s in live:
+            if s.model_path != model_path:
+                self.swap(s, model_path)
+
+    def swap(self, s: Server, model_path: str) -> None:
+        """Reload `model_path` into server `s` in place, then probe; a local server that fails either
+        is restarted on `model_path` (and probed again)."""
+        s.model_path = None
+        try:
+            self.reload(s, model_path)
+            self.check(s, model_path)
+        except (httpx.HTTPError, StaleWeightsError) as e:
+            if s.local_index is None:
+                raise RuntimeError(f"{s.url}: weight reload failed ({e}); start servers with "
+                                   f"`python -m apo_dist.vllm_servers serve` (dev mode and the apo-dist "
+                                   f"worker extension) on a path they can read") from e
+            log.warning("%s: weight reload failed (%s); restarting it on %s", s.url, e, model_path)
+            self.local.restart(s.local_index, model_path)
+            s.url = self.local.urls[s.local_index]
+            self.check(s, model_path)
+        s.model_path = model_path
+
+    def reload(self, s: Server, model_path: str) -> None:
+        """In-place weight reload, then drop the prefix cache (its KV came from the old weights)."""
+        base = root_url(s.url)
+        r = httpx.post(f"{base}/collective_rpc", timeout=self.request_timeout,
+                       json={"method": RELOAD_METHOD, "kwargs": {"weights_path": str(model_path)}})
+        r.raise_for_status()
+        httpx.post(f"{base}/reset_prefix_cache", timeout=self.request_timeout).raise_for_status()
+
+    def check(self, s: Server, model_path: str) -> None:
+        """The weight probe: the server's prompt log-probs of the probe text vs the HF scorer."""
+        r = httpx.post(f"{s.url}/completions", timeout=self.request_timeout,
+                       json={"model": self.model, "prompt": self.probe.ids, "max_tokens": 1, "prompt_logprobs": 0})
+        r.raise_for_status()
+        rows = r.json()["choices"][0]["prompt_logprobs"][1:]
+        self.probe.check(f"vLLM server {s.url}", model_path,
+                         [row[str(t)]["logprob"] for row, t in zip(rows, self.probe.ids[1:])])
+
+    def healthy(self, s: Server) -> bool:
+        try:
+            return httpx.get(f"{root_url(s.url)}/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    # --- generation ------------------------------------------------------------------------
+    def generate(self, model_path: str, prompt_ids: list[list[int]], params: SamplingParams) -> pd.DataFrame:
+        self.ensure_weights(model_path)
+        results = asyncio.run(self._generate(prompt_ids, params))
+        rows = []
+        for i, choices in enumerate(results):
+            for k, (tokens, logps, finish) in enumerate(choices):
+                rows.append(completion_row(self.tokenizer, i, k, tokens, logps, finish))
+        return pd.DataFrame(rows)
+
+    async def _generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[tuple]]:
+        from openai import AsyncOpenAI
+
+        sampling = vllm_sampling(params)
+        body = {k: sampling.pop(k) for k in ("n", "temperature", "top_p", "max_tokens", "logprobs")}
+        body["extra_body"] = {**sampling, "return_token_ids": True}
+        clients = {s.url: AsyncOpenAI(base_url=s.url, api_key="EMPTY", max_retries=0, timeout=self.request_timeout)
+                   for s in self.servers}
+        limit = asyncio.Semaphore(self.concurrency)
+
+        async def one(i: int):
+            async with limit:
+                ids = [int(t) for t in prompt_ids[i]]  # numpy ints are not JSON
+                return i, await self._request(clients, ids, request_seed(params.seed, i), params.n, body)
+
+        tasks = [asyncio.create_task(one(i)) for i in range(len(prompt_ids))]
+        results: list = [None] * len(prompt_ids)
+        try:
+            for done in tqdm(asyncio.as_completed(tasks), total=len(tasks), disable=not self.progress,
+                             desc=f"generate n={params.n}", unit="prompt"):
+                i, choices = await done
+                results[i] = choices
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for c in clients.values():
+                await c.close()
+        return results
+
+    def _pick(self) -> Server:
+        live = [s for s in self.servers if s.alive]
+        if not live:
+            raise NoServerLeft(f"every vLLM server of the pool is down: {', '.join(s.url for s in self.servers)}")
+        return min(live, key=lambda s: s.inflight)
+
+    async def _request(self, clients: dict, ids: list[int], seed: int, n: int, body: dict) -> list[tuple]:
+        import openai
+
+        error: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            s = self._pick()
+            s.inflight += 1
+            try:
+                resp = await clients[s.url].completions.create(model=self.model, prompt=ids, seed=seed, **body)
+                choices = sorted(resp.choices, key=lambda c: c.index)
+                if len(choices) != n:
+                    raise openai.APIError(f"{len(choices)} choices for n={n}", request=None, body=None)
+                return [(list(c.token_ids), list(c.logprobs.token_logprobs), c.finish_reason) for c in choices]
+            except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError,
+                    openai.APIError) as e:
+                if isinstance(e, openai.APIStatusError) and e.status_code < 500 and e.status_code != 429:
+                    raise  # a bad request fails the same way everywhere
+                error = e
+                if not await asyncio.to_thread(self.healthy, s):
+                    if s.alive:
+                        log.warning("vLLM server %s is down (%s); its requests go to the other servers", s.url, e)
+                    s.alive = False
+                    continue  # failover is immediate
+            finally:
+                s.inflight -= 1
+            await asyncio.sleep(min(0.5 * 2 ** attempt, 8) * random.uniform(0.5, 1.0))
+        raise RuntimeError(f"a generation request failed {self.max_retries + 1} times; last error: {error}")
+
+    def close(self) -> None:
+        if self.local is not None:
+            self.local.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`serve`: start K servers on this node, print their URLs, keep them up until signalled."""
+    parser = argparse.ArgumentParser(prog="python -m apo_dist.vllm_servers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start K vLLM servers and keep them up")
+    serve.add_argument("--model", required=True)
+    serve.add_argument("--num", type=int, default=1)
+    serve.add_argument("--workdir", required=True, help="logs go to WORKDIR/servers/")
+    serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other nodes")
+    serve.add_argument("--urls-file", help="also write the base URLs here, one per line")
+    defaults = EngineOptions()
+    for name, value in vars(defaults).items():
+        kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
+        serve.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
+    serve.add_argument("--startup-timeout", type=float, default=600)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    options = EngineOptions(**{k: getattr(args, k) for k in vars(defaults)})
+    servers = LocalServers(args.num, Path(args.workdir), options, args.host, args.startup_timeout)
+    try:
+        urls = servers.start(args.model)
+        if args.urls_file:
+            Path(args.urls_file).write_text("".join(u + "\n" for u in urls))
+        print("\n".join(urls), flush=True)
+        while all(p is not None and p.poll() is None for p in servers.procs):
+            time.sleep(2)
+        return 1  # a server died
+    finally:
+        servers.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
