@@ -203,6 +203,30 @@ def test_whole_run_on_local_servers_survives_a_killed_coordinator(tmp_path, tiny
     assert server_processes(run_dir) == []
 
 
+def test_sigterm_stops_the_coordinator_and_its_servers(tmp_path, tiny_overrides):
+    """SIGTERM (what `kill` and SLURM send) ends the run cleanly: the local server is shut down."""
+    import multiprocessing as mp
+
+    from tests.test_loop import CONFIG, _child
+
+    run_dir = tmp_path / "run"
+    args = ["run", CONFIG, "--run-dir", str(run_dir), "--no-progress", *tiny_overrides,
+            "generation.backend=vllm_server", "generation.servers.num_local=1"]
+    proc = mp.get_context("fork").Process(target=_child, args=(args, None))
+    proc.start()
+    deadline = time.time() + 600
+    while not (run_dir / "round_0000").exists() and proc.is_alive() and time.time() < deadline:
+        time.sleep(0.5)  # round 0 starts once the server answers /health
+    assert server_processes(run_dir), "no local server was started"
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.join(120)
+    assert proc.exitcode == 128 + signal.SIGTERM
+    deadline = time.time() + 30
+    while server_processes(run_dir) and time.time() < deadline:
+        time.sleep(0.5)
+    assert server_processes(run_dir) == [], "a vLLM server outlived a SIGTERM to its coordinator"
+
+
 def server_processes(run_dir: Path) -> list[int]:
     """Pids of processes whose command line or environment mentions this run directory's servers."""
     pids = []
