@@ -19,6 +19,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+    sweep = sub.add_parser("sweep", help="run acquisition functions x seeds (random always included), then aggregate")
+    sweep.add_argument("config")
+    sweep.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    sweep.add_argument("--acquisition", default="random,certainty", help="comma-separated functions")
+    sweep.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    sweep.add_argument("--root", help="sweep folder (default: runs/<config name>_sweep)")
+    sweep.add_argument("--no-progress", action="store_true")
+
+    aggregate = sub.add_parser("aggregate", help="results.md/csv and winrate.png for a sweep folder")
+    aggregate.add_argument("root")
+
     status = sub.add_parser("status", help="show where a run stands")
     status.add_argument("run_dir")
 
@@ -33,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     assets.add_argument("--cache-dir", default="", help="default: $APO_DIST_CACHE or ~/.cache/apo-dist")
 
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command != "run" or any(e.startswith("-") for e in extra)):
+    if extra and (args.command not in ("run", "sweep") or any(e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:  # overrides given after an option, e.g. `run CONFIG --run-dir D key=value`
         args.overrides += extra
@@ -42,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"run": cmd_run, "status": cmd_status, "report": cmd_report, "assets": cmd_assets,
-                "export-labels": cmd_export_labels}[args.command](args)
+                "export-labels": cmd_export_labels, "sweep": cmd_sweep, "aggregate": cmd_aggregate}[args.command](args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -73,6 +84,35 @@ def cmd_run(args) -> int:
         code, message = next((c, m) for kind, c, m in endings if isinstance(e, kind))
         print(message.format(e), file=sys.stderr)
         return code
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    """Every function x seed with the same config otherwise, sharing one label store, one after
+    another in this process; then the aggregate table and plot."""
+    from .aggregate import write_outputs
+    from .config import load_config
+    from .loop import Coordinator
+
+    functions = list(dict.fromkeys(["random", *filter(None, args.acquisition.split(","))]))
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    name = load_config(args.config, args.overrides).name
+    root = Path(args.root or os.path.join("runs", f"{name}_sweep"))
+    for function in functions:
+        for seed in seeds:
+            arm = f"{function}_seed{seed}"
+            cfg = load_config(args.config, [*args.overrides, f"acquisition.function={function}", f"seed={seed}",
+                                            f"name={name}_{arm}", f"oracle.store={root.resolve() / 'labels.sqlite'}"])
+            print(f"sweep {root}: {arm}", flush=True)
+            Coordinator(cfg, root / arm, progress=not args.no_progress).run()
+    print(write_outputs(root))
+    return 0
+
+
+def cmd_aggregate(args) -> int:
+    from .aggregate import write_outputs
+
+    print(write_outputs(args.root))
     return 0
 
 
