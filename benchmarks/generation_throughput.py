@@ -74,7 +74,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"workload: {args.prompts} prompts x {args.n} samples x {args.tokens} tokens = {tokens} tokens, "
           f"T=1, per-token log-probs, SmolLM2-135M-Instruct")
-    print(f"| backend | start-up s | seconds | tokens/s | ratio to HF |\n|---|---|---|---|---|")
+    print("| backend | start-up s | seconds | tokens/s | ratio to HF |\n|---|---|---|---|---|")
     for name, startup, seconds, rate in rows:
         print(f"| {name} | {startup:.1f} | {seconds:.2f} | {rate:.0f} | {rate / hf:.2f} |")
     print(f"summary: hf={hf:.0f} tok/s vllm_engine={rows[1][3]:.0f} tok/s vllm_server_pool={rows[2][3]:.0f} tok/s "
