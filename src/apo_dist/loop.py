@@ -383,12 +383,17 @@ class Coordinator:
         self.write(rd / "scores.parquet", pairs)
         return {"pairs": len(pairs), "mean_certainty": float(pairs["certainty"].mean())}
 
-    def make_acquired(self, r: int) -> dict:
-        rd = self.rd.round_dir(r)
-        scores = read_table(rd / "scores.parquet")
+    def select_pairs(self, r: int, exclude: set | None = None) -> pd.DataFrame:
+        """The round's seeded choice of pairs from scores.parquet, leaving out `exclude`."""
         a = self.cfg.acquisition
         rng = np.random.default_rng(stage_seed(self.cfg.seed, r, "acquired"))
-        chosen = acquisition.select_pairs(scores, a.function, a.labels_per_round, rng)
+        return acquisition.select_pairs(read_table(self.rd.round_dir(r) / "scores.parquet"), a.function,
+                                        a.labels_per_round, rng, exclude=exclude)
+
+    def make_acquired(self, r: int) -> dict:
+        rd = self.rd.round_dir(r)
+        a = self.cfg.acquisition
+        chosen = self.select_pairs(r)
         if len(chosen) < a.labels_per_round:
             raise RuntimeError(f"round {r}: only {len(chosen)} candidate pairs for {a.labels_per_round} labels")
         write_table(rd / "acquired.parquet", chosen)
@@ -415,10 +420,7 @@ class Coordinator:
             excluded |= set(failed["pair_id"])
             reasons += self.store.reasons(oracle.identity, list(failed["prompt"]), list(failed["completion_a"]),
                                           list(failed["completion_b"]))
-            # The same seeded ranking as the acquired stage, minus the unlabelable pairs.
-            rng = np.random.default_rng(stage_seed(self.cfg.seed, r, "acquired"))
-            chosen = acquisition.select_pairs(read_table(rd / "scores.parquet"), a.function, a.labels_per_round,
-                                              rng, exclude=excluded)
+            chosen = self.select_pairs(r, exclude=excluded)  # the acquired stage's ranking, minus these
             done = set(pd.concat(labelled)["pair_id"])
             pairs = chosen[~chosen["pair_id"].isin(done)].reset_index(drop=True)
         table = pd.concat(labelled, ignore_index=True)
