@@ -1,0 +1,153 @@
+"""The run plan (plan.py): counts against hand-computed numbers and the selection code, and dry runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from apo_dist import acquisition, plan
+from apo_dist.cli import main
+from apo_dist.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+# A llama-shaped config.json: 100 * 64 embeddings (tied) + 2 layers of (4 * 64 * 64 attention + 3 * 64 * 128 MLP)
+TINY_PARAMS = 100 * 64 + 2 * (4 * 64 * 64 + 3 * 64 * 128)
+
+SMALL = """
+name: small
+model: {{policy: {policy}}}
+data: {{source: movie_reviews, prompt_min_tokens: 8, prompt_max_tokens: 12, n_eval: 10}}
+generation: {{max_new_tokens: 6}}
+scoring: {{entropy_samples: 2}}
+acquisition: {{function: hybrid, labels_per_round: 4, prompt_factor: 2, pair_factor: 3}}
+oracle:
+  kind: llm_judge
+  model: judge
+  prices: {{judge: {{input: 10.0, output: 30.0}}}}
+training: {{epochs: 5, batch_size: 4, micro_batch_size: 4, init: sft}}
+loop: {{rounds: 3}}
+"""
+
+
+@pytest.fixture
+def small(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 100, "intermediate_size": 128,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "tie_word_embeddings": True}))
+    path = tmp_path / "small.yaml"
+    path.write_text(SMALL.format(policy=model))
+    return path
+
+
+def test_hybrid_counts_by_hand(small):
+    cfg = load_config(small)
+    r0, r1, r2 = (plan.round_counts(cfg, r) for r in range(3))
+    assert r0["pool_prompts"] == 24  # f_p * f_g * M = 2 * 3 * 4
+    assert r0["entropy_samples"] == r0["entropy_scored"] == 48  # N = 2 per pool prompt
+    assert r0["pair_prompts"] == 12 and r0["pair_completions"] == 24  # top f_g * M prompts, one pair each
+    assert r0["reference_scored"] == 0 and r1["reference_scored"] == 24  # round 0: policy is the reference
+    assert (r0["labels"], r0["label_requests"], r0["eval_requests"]) == (4, 4, 10)
+    assert [r["train_pairs"] for r in (r0, r1, r2)] == [4, 8, 12]  # init sft: all labels so far
+    assert r2["pair_epochs"] == 60 and r2["train_steps"] == 15  # ceil(12 / 4) * 5 epochs
+
+
+def test_tokens_flops_and_cost_by_hand(small):
+    p = plan.plan(load_config(small))
+    assert p["params"] == TINY_PARAMS and "config.json" in p["params_from"]
+    assert p["lengths"] == {"prompt": 10.0, "completion": 6.0}
+    r0, r1, r2 = p["rounds"]
+    assert r0["generated_tokens"] == 48 * 6 + 24 * 6 + 10 * 6  # entropy samples, pairs, eval
+    assert r0["scored_tokens"] == (48 + 24) * 16 and r1["scored_tokens"] == (48 + 48) * 16
+    assert r2["train_flops"] == 6 * TINY_PARAMS * 60 * 2 * 16  # pair-epochs x 2 sequences x 16 tokens
+    one = (150 + 10 + 2 * 6) * 10 / 1e6 + 40 * 30 / 1e6  # judge template + prompt + 2 completions in, 40 out
+    labels = next(s for s in r0["stages"] if s["stage"] == "labels")
+    assert labels["cost"] == pytest.approx(4 * one)
+    assert r0["requests"] == 14 and r0["cost"] == pytest.approx(14 * one)
+    assert p["totals"]["judge_cost"] == pytest.approx(42 * one)
+    assert [s["stage"] for s in r0["stages"]] == ["entropy_samples", "entropy", "samples", "scores", "labels",
+                                                  "train", "eval (generate)", "eval (judge)"]
+    assert all(s["h100_s"] > 0 for s in r0["stages"]) and r0["bound"] in {s["stage"] for s in r0["stages"]}
+
+
+@pytest.mark.parametrize("function, pool, pairs, samples", [
+    ("random", 4, 4, 0), ("entropy", 8, 4, 16), ("certainty", 12, 12, 0), ("uncertainty", 12, 12, 0),
+    ("hybrid", 24, 12, 48)])
+def test_counts_per_function_match_the_selection_code(small, function, pool, pairs, samples):
+    cfg = load_config(small, [f"acquisition.function={function}"])
+    c = plan.round_counts(cfg, 0)
+    assert (c["pool_prompts"], c["pair_prompts"], c["entropy_samples"]) == (pool, pairs, samples)
+    table = pd.DataFrame({"prompt_id": range(pool), "entropy": np.random.default_rng(0).random(pool)})
+    chosen = acquisition.select_prompts(table, function, 4, 3, np.random.default_rng(0))
+    assert chosen["selected"].sum() == c["pair_prompts"]
+
+
+def test_options_change_the_counts(small, tmp_path):
+    assert plan.round_counts(load_config(small, ["training.init=previous"]), 2)["train_pairs"] == 4
+    both = plan.round_counts(load_config(small, ["oracle.both_orders=true"]), 0)
+    assert (both["label_requests"], both["eval_requests"]) == (8, 20)
+    gen = load_config(small, ["scoring.entropy_from_generation=true"])
+    assert plan.round_counts(gen, 0)["entropy_scored"] == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    assert plan.round_counts(load_config(small, [f"model.reference={other}"]), 0)["reference_scored"] == 24
+
+
+def test_model_sizes():
+    assert plan.model_params("gpt2-large") == (774e6, "known size")
+    assert plan.model_params("EleutherAI/pythia-1.4b")[0] == 1.41e9
+    assert plan.model_params("asset:smollm2-135m-instruct")[0] == 134.5e6
+    assert plan.model_params("meta-llama/Llama-2-70b-hf") == (70e9, "from the size in its name")
+    assert plan.model_params("meta-llama/Llama-3.2-1B")[0] == 1e9
+    assert plan.model_params("my-org/policy") == (None, "unknown size")
+
+
+def test_unknown_size_plans_counts_without_times(small):
+    cfg = load_config(small, ["model.policy=my-org/policy"])
+    p = plan.plan(cfg)
+    assert p["rounds"][0]["pool_prompts"] == 24 and p["rounds"][0]["h100_s"] is None
+    assert p["totals"]["judge_cost"] is not None  # judge cost needs no model size
+    assert "parameter count unknown" in plan.format_plan(p, cfg)
+
+
+def test_layout_for_scaling():
+    assert plan.layout(1e9) == {"tp": 1, "servers": 8, "ranks": 8, "nodes": 2}
+    assert plan.layout(70e9) == {"tp": 4, "servers": 6, "ranks": 24, "nodes": 6}  # 19 ranks for 1.12 TB -> 3 nodes
+
+
+def test_scaling_rows_are_dry_run_plans():
+    path = str(CONFIGS / "paper_imdb.yaml")
+    (row,) = plan.scaling_rows(path, sizes=("7B",), scales=(10,))
+    assert row["first"]["pool_prompts"] == 10 * 128 * 8 * 32
+    again = plan.plan(load_config(path, row["overrides"]))
+    assert again["rounds"][-1]["h100_s"] == row["last"]["h100_s"]
+    assert again["gpus"] == {"generation": 8, "scoring": 8, "training": 8, "held": 16}
+
+
+@pytest.mark.parametrize("name, function, pool", [("paper_imdb", "hybrid", 32768), ("paper_tldr", "certainty", 2048)])
+def test_paper_configs_dry_run(tmp_path, monkeypatch, capsys, name, function, pool):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(CONFIGS / f"{name}.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"dry run of {name}: config valid" in out
+    assert f"run directory: runs/{name} (would be created)" in out
+    assert f"acquisition {function}: M=128" in out and f"| 0 | {pool} |" in out
+    assert "judge requests" in out and "GPU-hours" in out and "bound by" in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_rejects_a_bad_config_and_imports_no_models(tmp_path):
+    assert main(["run", str(CONFIGS / "paper_imdb.yaml"), "--dry-run", "acquisition.function=greedy"]) == 2
+    code = ("import sys; from apo_dist.cli import main; "
+            f"assert main(['run', {str(CONFIGS / 'paper_imdb.yaml')!r}, '--dry-run', '--run-dir', {str(tmp_path / 'r')!r}]) == 0; "
+            "print(sorted(m for m in ('torch', 'vllm', 'transformers', 'openai') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+    assert not (tmp_path / "r").exists()
