@@ -119,7 +119,7 @@ def test_unknown_size_plans_counts_without_times(small):
 
 def test_layout_for_scaling():
     assert plan.layout(1e9) == {"tp": 1, "servers": 8, "ranks": 8, "nodes": 2}
-    assert plan.layout(70e9) == {"tp": 4, "servers": 6, "ranks": 24, "nodes": 6}  # 19 ranks for 1.12 TB -> 3 nodes
+    assert plan.layout(70e9) == {"tp": 4, "servers": 8, "ranks": 32, "nodes": 8}  # 19 ranks for 1.12 TB -> 3 -> 4 nodes
 
 
 def test_scaling_rows_are_dry_run_plans():
@@ -151,3 +151,10 @@ def test_dry_run_rejects_a_bad_config_and_imports_no_models(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
     assert not (tmp_path / "r").exists()
+
+
+def test_scaling_layouts_divide_the_effective_batch():
+    path = str(CONFIGS / "paper_imdb.yaml")
+    for row in plan.scaling_rows(path, scales=(1,)):
+        cfg = load_config(path, row["overrides"])
+        assert cfg.training.batch_size % (cfg.training.micro_batch_size * cfg.launcher.training_processes) == 0

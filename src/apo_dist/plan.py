@@ -447,22 +447,27 @@ def layout(params: float) -> dict:
 
     vLLM tensor parallel size: the smallest power of 2 holding the bf16 weights in half of the GPUs'
     memory (the rest is KV cache). ZeRO-3 ranks: 16 bytes per parameter (bf16 weights and gradients,
-    fp32 master weights and Adam moments) in 75% of the memory, rounded up to whole nodes. As many
-    generation nodes (vLLM servers) as trainer nodes (scoring and training ranks).
+    fp32 master weights and Adam moments) in 75% of the memory, rounded up to a power of two of whole
+    nodes (so that ranks divide the effective batch). As many generation nodes (vLLM servers) as
+    trainer nodes (scoring and training ranks).
     """
     mem, per_node = H100["memory_bytes"], H100["gpus_per_node"]
     tp = 1
     while 2 * params > 0.5 * mem * tp:
         tp *= 2
-    nodes = math.ceil(math.ceil(16 * params / (0.75 * mem)) / per_node)
+    nodes = 2 ** math.ceil(math.log2(math.ceil(16 * params / (0.75 * mem) / per_node)))
     return {"tp": tp, "servers": nodes * per_node // tp, "ranks": nodes * per_node, "nodes": 2 * nodes}
 
 
-def scaling_overrides(size: str, scale: int, m: int) -> list[str]:
-    """Config overrides for one row of docs/scaling.md (policy, labels per round, the layout)."""
+def scaling_overrides(size: str, scale: int, cfg) -> list[str]:
+    """Config overrides for one row of docs/scaling.md (policy, labels per round, the layout).
+
+    The micro-batch shrinks where needed so that micro-batch x ranks divides the effective batch."""
     params, _ = model_params(SCALING_POLICIES[size])
     lay = layout(params)
-    return [f"model.policy={SCALING_POLICIES[size]}", f"acquisition.labels_per_round={m * scale}",
+    micro = max(1, min(cfg.training.micro_batch_size, cfg.training.batch_size // lay["ranks"]))
+    return [f"model.policy={SCALING_POLICIES[size]}", f"acquisition.labels_per_round={cfg.acquisition.labels_per_round * scale}",
+            f"training.micro_batch_size={micro}",
             "generation.backend=vllm_server", f"generation.servers.num_local={lay['servers']}",
             f"generation.vllm.tensor_parallel_size={lay['tp']}", f"launcher.scoring_processes={lay['ranks']}",
             f"launcher.training_processes={lay['ranks']}"]
@@ -470,11 +475,11 @@ def scaling_overrides(size: str, scale: int, m: int) -> list[str]:
 
 def scaling_rows(path: str, sizes=("1B", "7B", "70B"), scales=(1, 10, 100), overrides=()) -> list[dict]:
     """One row per policy size x pool multiple: the config at `path` with M scaled (f_p, f_g kept)."""
-    m = load_config(path, list(overrides)).acquisition.labels_per_round
+    base = load_config(path, list(overrides))
     rows = []
     for size in sizes:
         for scale in scales:
-            extra = scaling_overrides(size, scale, m)
+            extra = scaling_overrides(size, scale, base)
             cfg = load_config(path, [*overrides, *extra])
             p = plan(cfg)
             first, last = p["rounds"][0], p["rounds"][-1]
