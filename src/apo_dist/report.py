@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from .rundir import RunDir, atomic_write_text
 
 
@@ -27,9 +29,11 @@ def write_report(run_dir: str | Path) -> Path:
     rd = RunDir(run_dir)
     results = eval_results(run_dir)
     config = rd.config_path.read_text() if rd.config_path.exists() else ""
+    dataset = OmegaConf.select(OmegaConf.create(config), "eval.reference", default="sft") == "dataset"
+    reference = "reference" if dataset else "SFT"
     lines = [f"# apo-dist report: {rd.root.name}", "",
-             "Win-rate of the policy against the SFT reference completions on the held-out eval "
-             "prompts, judged by the oracle (tie = 0.5), with its standard error.", "",
+             f"Win-rate of the policy against {'the dataset' if dataset else 'the SFT model'}'s reference "
+             "completions on the held-out eval prompts, judged by the oracle (tie = 0.5), with its standard error.", "",
              "| round | labels | win-rate | stderr | n | wins | losses | ties |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in results:
@@ -45,8 +49,8 @@ def write_report(run_dir: str | Path) -> Path:
         x = [e["labels"] for e in results]
         y = [e["win_rate"] for e in results]
         err = [1.96 * e["stderr"] for e in results]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label="policy vs SFT (95% CI)")
-    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="SFT vs itself")
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"policy vs {reference} (95% CI)")
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label=f"{reference} vs itself")
     ax.set_xlabel("labels")
     ax.set_ylabel("win-rate")
     ax.set_title(rd.root.name)
