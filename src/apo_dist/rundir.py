@@ -93,6 +93,11 @@ class RunDir:
     def metrics_path(self) -> Path:
         return self.root / "metrics.jsonl"
 
+    @property
+    def stop_path(self) -> Path:
+        """Present while a stop is requested (SIGUSR1): every process of the run stops at its next safe point."""
+        return self.root / "stop_requested"
+
     def round_dir(self, r: int) -> Path:
         return self.root / f"round_{r:04d}"
 

@@ -29,6 +29,10 @@ from .models import completion_logprobs, load_model, load_tokenizer
 from .rundir import atomic_write_json
 
 
+class TrainingStopped(RuntimeError):
+    """A stop was requested; the state after the last step is checkpointed for the resume."""
+
+
 def dpo_loss(policy_a: torch.Tensor, policy_b: torch.Tensor, ref_a: torch.Tensor,
              ref_b: torch.Tensor, label: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
     """Per-pair DPO loss and the implicit rewards of both sides."""
@@ -59,13 +63,14 @@ def gradient_accumulation(batch_size: int, micro_batch_size: int, world_size: in
 def train_dpo(pairs: pd.DataFrame, init_path: str, out_dir: Path, tcfg, seed: int,
               pad_id: int | None = None, progress: bool = True, tensorboard_dir: str | None = None,
               checkpoint_dir: Path | None = None, resume_key: str = "",
-              on_step: Callable[[int], None] | None = None) -> TrainResult:
+              on_step: Callable[[int], None] | None = None, stop_file: Path | None = None) -> TrainResult:
     """Train a policy from `init_path` on `pairs` and save an HF checkpoint to `out_dir`.
 
     `pairs` needs prompt_ids, tokens_a, tokens_b, ref_logp_a, ref_logp_b and label. Runs as is in
     one process or under `accelerate launch` (DDP, ZeRO-2, ZeRO-3). With `checkpoint_dir` and
     `tcfg.checkpoint_every_steps`, model and optimizer state are saved every that many steps and a
-    restarted call with the same `resume_key` continues from the last one.
+    restarted call with the same `resume_key` continues from the last one. When `stop_file` appears
+    (on any rank), every rank checkpoints after the current step and raises TrainingStopped.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -151,6 +156,9 @@ def train_dpo(pairs: pd.DataFrame, init_path: str, out_dir: Path, tcfg, seed: in
                 _checkpoint(accelerator, checkpoint_dir, resume_key, history)
             if on_step:
                 on_step(len(history))
+            if checkpoint_dir and stop_file is not None and _any_rank(accelerator, stop_file.exists()):
+                _checkpoint(accelerator, checkpoint_dir, resume_key, history)
+                raise TrainingStopped(f"training stopped after step {len(history)}; checkpoint in {checkpoint_dir}")
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['reward_accuracy']:.2f}")
     bar.close()
@@ -168,6 +176,13 @@ def train_dpo(pairs: pd.DataFrame, init_path: str, out_dir: Path, tcfg, seed: in
     if tensorboard_dir:
         accelerator.end_training()
     return TrainResult(steps=len(history), seconds=time.time() - start, history=history, sharding=sharding)
+
+
+def _any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank when `flag` is true on any: ranks must agree on where to stop."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum").item())
 
 
 def _checkpoint(accelerator, checkpoint_dir: Path, resume_key: str, history: list[dict]) -> None:

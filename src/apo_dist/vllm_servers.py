@@ -87,7 +87,12 @@ class EngineOptions:
         return cls(engine_dtype(cfg), v.max_model_len, v.tensor_parallel_size, v.enforce_eager,
                    v.gpu_memory_utilization, v.kv_cache_gb, v.seed)
 
+    def cli_args(self) -> list[str]:
+        """These options as `python -m apo_dist.vllm_servers serve` flags."""
+        return [a for name, value in vars(self).items() for a in (f"--{name.replace('_', '-')}", str(value))]
+
     def args(self) -> list[str]:
+        """These options as vLLM server flags."""
         return ["--dtype", self.dtype, *(["--max-model-len", str(self.max_model_len)] if self.max_model_len else []),
                 "--tensor-parallel-size", str(self.tensor_parallel_size),
                 "--gpu-memory-utilization", str(self.gpu_memory_utilization), "--seed", str(self.seed),
@@ -137,7 +142,10 @@ class LocalServers:
 
     @property
     def urls(self) -> list[str]:
-        host = socket.gethostname() if self.host == "0.0.0.0" else self.host
+        if self.host == "0.0.0.0":  # reachable from other nodes: advertise this node's name
+            host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        else:
+            host = self.host
         return [f"http://{host}:{p}/v1" for p in self.ports]
 
     def log_path(self, i: int) -> Path:
