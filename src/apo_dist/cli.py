@@ -131,7 +131,10 @@ def run_coordinator(cfg, run_dir: str, progress: bool) -> None:
         servers = generation_servers(cfg, Path(run_dir), sft)
     with servers as urls:
         if urls:
-            cfg.generation.servers.urls = urls
+            from omegaconf import read_write
+
+            with read_write(cfg):
+                cfg.generation.servers.urls = urls
         Coordinator(cfg, run_dir, progress=progress).run()
 
 
