@@ -6,6 +6,7 @@ server is left. Jobs inherit this process's environment, as sbatch does by defau
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -191,3 +192,19 @@ def test_array_sweep_and_aggregation(slurm, tmp_path, capsys, tiny_overrides):
     out = capsys.readouterr().out
     assert f"SLURM array job {array}:" in out and f"SLURM aggregate job {aggregate}: {aggregate} COMPLETED" in out
     assert out.count(": done, last stage round 0 eval (done)") == 4
+
+
+def test_multi_node_job_trains_with_one_rank_per_node(slurm, tmp_path, capsys, tiny_overrides):
+    run_dir = tmp_path / "run"
+    job = submit(capsys, run_dir, [*tiny_overrides, "loop.rounds=1", "slurm.nodes=2",
+                                   "launcher.scoring_processes=2", "launcher.training_processes=2"])
+    info = wait_for(job)
+    assert info["JobState"] == "COMPLETED", job_log(run_dir)
+    assert "#SBATCH --nodes=2" in (run_dir / "slurm" / "run.sbatch").read_text()
+    train_log = (run_dir / "round_0000" / "logs" / "train.log").read_text()
+    for rank, node in enumerate(["ci-node1", "ci-node2"]):
+        assert re.search(rf"rendezvous: node {node} machine_rank {rank} of 2 -> main process ci-node1:\d+, 2 ranks",
+                         train_log), train_log[-3000:]
+    worlds = {json.loads(line)["world"] for line in (run_dir / "logs" / "sharding_rank_1.jsonl").read_text().splitlines()}
+    assert worlds == {2}  # the second node's rank joined the first node's process group
+    assert len(eval_results(run_dir)) == 1
