@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .config import ConfigError
+    from .slurm import SlurmError
 
     try:
         return {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "report": cmd_report, "assets": cmd_assets,
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except SlurmError as e:  # sbatch or scontrol refused
+        print(e, file=sys.stderr)
+        return 9
 
 
 def cmd_run(args) -> int:
@@ -140,15 +144,11 @@ def run_coordinator(cfg, run_dir: str, progress: bool) -> None:
 
 def cmd_submit(args) -> int:
     from .config import load_config
-    from .slurm import SlurmError, submit
+    from .slurm import submit
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or os.path.join("runs", cfg.name))
-    try:
-        job, script = submit(cfg, run_dir)
-    except SlurmError as e:
-        print(e, file=sys.stderr)
-        return 9
+    job, script = submit(cfg, run_dir)
     print(f"submitted job {job}: {script} (log {script.parent}/{cfg.name}-{job}.out); "
           f"`apo-dist status {run_dir}` shows where it stands")
     return 0
@@ -167,7 +167,7 @@ def cmd_sweep(args) -> int:
     job array (--slurm)."""
     from .aggregate import write_outputs
     from .config import load_config
-    from .slurm import SlurmError, submit_sweep
+    from .slurm import submit_sweep
 
     base = load_config(args.config, args.overrides)
     root = Path(args.root or os.path.join("runs", f"{base.name}_sweep"))
@@ -175,11 +175,7 @@ def cmd_sweep(args) -> int:
     if args.slurm:
         grid = ["--acquisition", ",".join(dict.fromkeys(f for f, _ in arms)), "--seeds",
                 ",".join(dict.fromkeys(str(s) for _, s in arms))]
-        try:
-            array, aggregate, script = submit_sweep(base, root, len(arms), grid)
-        except SlurmError as e:
-            print(e, file=sys.stderr)
-            return 9
+        array, aggregate, script = submit_sweep(base, root, len(arms), grid)
         print(f"submitted array job {array} ({len(arms)} tasks: {script}) and aggregation job {aggregate} "
               f"(runs when all succeed); `apo-dist status {root}` shows where they stand")
         return 0
