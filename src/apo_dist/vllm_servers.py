@@ -233,7 +233,16 @@ class LocalServers:
         atexit.register(self.stop)
         if threading.current_thread() is threading.main_thread() and \
                 signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+            signal.signal(signal.SIGTERM, _exit_on_signal)
+
+
+_terminated_by = 0  # the signal _exit_on_signal received, if any
+
+
+def _exit_on_signal(signum, frame) -> None:
+    global _terminated_by
+    _terminated_by = signum
+    sys.exit(128 + signum)
 
 
 @dataclass
@@ -340,7 +349,12 @@ class ServerPool:
     # --- generation ------------------------------------------------------------------------
     def generate(self, model_path: str, prompt_ids: list[list[int]], params: SamplingParams) -> pd.DataFrame:
         self.ensure_weights(model_path)
-        results = asyncio.run(self._generate(prompt_ids, params))
+        try:
+            results = asyncio.run(self._generate(prompt_ids, params))
+        except Exception:
+            if _terminated_by:  # SIGTERM's SystemExit can surface as another error from inside the HTTP client
+                raise SystemExit(128 + _terminated_by) from None
+            raise
         rows = []
         for i, choices in enumerate(results):
             for k, (tokens, logps, finish) in enumerate(choices):
