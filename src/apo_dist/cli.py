@@ -246,7 +246,11 @@ def print_run_status(run_dir: Path, brief: bool) -> None:
     if rd.labels_db.exists():
         from .oracle import LabelStore
 
-        store = LabelStore(rd.labels_db)
+        try:
+            store = LabelStore(rd.labels_db)
+        except RuntimeError as e:  # e.g. a store from an older apo-dist
+            print(f"label store: {e}")
+            return
         t, mine = store.totals(), store.totals(run=str(rd.root.resolve()))
         print(f"label store: {t['answers']} answers, {t['requests']} oracle requests, {t['unlabelable']} unlabelable; "
               f"this run paid for {mine['answers']} ({mine['input_tokens']} + {mine['output_tokens']} tokens, "
