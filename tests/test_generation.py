@@ -61,3 +61,14 @@ def test_stop_at_eos_cuts_after_it(tiny_model_dir, tiny_tokenizer, prompt_ids):
     assert all(list(t) == [eos] for t in free["token_ids"]) and set(free["finish_reason"]) == {"stop"}
     fixed = backend.generate("tiny", prompt_ids, SamplingParams(n=1, temperature=0, max_new_tokens=4, fixed_length=True))
     assert all(len(t) == 4 and eos not in list(t) for t in fixed["token_ids"])
+
+
+def test_each_local_vllm_server_gets_its_own_gpus(monkeypatch):
+    from apo_dist.vllm_engine import gpu_groups
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert gpu_groups(4, 2, device_count=8) == ["0,1", "2,3", "4,5", "6,7"]
+    assert gpu_groups(2, 1, device_count=0) == [None, None]  # CPU machine
+    assert gpu_groups(3, 4, device_count=8) == [None, None, None]  # too few: shared, with a warning
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")  # e.g. what SLURM gave this job
+    assert gpu_groups(2, 2, device_count=4) == ["3,5", "6,7"]

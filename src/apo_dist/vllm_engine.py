@@ -55,6 +55,20 @@ def cpu_ranges(k: int) -> list[str]:
     return [f"{cpus[i * size]}-{cpus[(i + 1) * size - 1]}" for i in range(k)]
 
 
+def gpu_groups(k: int, per_server: int, device_count: int) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES for each of k servers of `per_server` GPUs: disjoint groups of the GPUs
+    this process sees (its CUDA_VISIBLE_DEVICES, else 0..device_count-1); None for every server when
+    there are no GPUs or too few to give each its own."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = [g for g in visible.split(",") if g] if visible is not None else [str(i) for i in range(device_count)]
+    if not gpus or len(gpus) < k * per_server:
+        if gpus:
+            log.warning("%d vLLM servers x %d GPUs need %d GPUs but %d are visible: they share them",
+                        k, per_server, k * per_server, len(gpus))
+        return [None] * k
+    return [",".join(gpus[i * per_server: (i + 1) * per_server]) for i in range(k)]
+
+
 def vllm_env(cache_dir: Path, kv_cache_gb: int, cpus: str) -> dict[str, str]:
     """Environment for a vLLM engine (DESIGN.md section 4); CPU-only keys are ignored on GPUs."""
     cache_dir.mkdir(parents=True, exist_ok=True)

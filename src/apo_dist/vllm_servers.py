@@ -34,11 +34,12 @@ from typing import Callable
 
 import httpx
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from .generation import SamplingParams, completion_row
 from .vllm_worker import EXTENSION, RELOAD_METHOD
-from .vllm_engine import Probe, StaleWeightsError, cpu_ranges, engine_dtype, probe_tolerance, request_seed, vllm_env, vllm_sampling
+from .vllm_engine import Probe, StaleWeightsError, cpu_ranges, gpu_groups, engine_dtype, probe_tolerance, request_seed, vllm_env, vllm_sampling
 
 log = logging.getLogger("apo_dist.vllm_servers")
 
@@ -138,6 +139,7 @@ class LocalServers:
         self.procs: list[subprocess.Popen | None] = [None] * num
         self.ports = [0] * num
         self.cpus = cpu_ranges(num)
+        self.gpus = gpu_groups(num, options.tensor_parallel_size, torch.cuda.device_count())
         self._hooked = False
 
     @property
@@ -169,6 +171,8 @@ class LocalServers:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ports[i] = free_port()
         env = {**os.environ, **vllm_env(self.dir / "cache", self.options.kv_cache_gb, self.cpus[i])}
+        if self.gpus[i] is not None:  # each server on its own GPUs
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[i]
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
                "--served-model-name", SERVED_NAME, "--host", self.host, "--port", str(self.ports[i]),
                *self.options.args()]
