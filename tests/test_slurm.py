@@ -208,3 +208,25 @@ def test_multi_node_job_trains_with_one_rank_per_node(slurm, tmp_path, capsys, t
     worlds = {json.loads(line)["world"] for line in (run_dir / "logs" / "sharding_rank_1.jsonl").read_text().splitlines()}
     assert worlds == {2}  # the second node's rank joined the first node's process group
     assert len(eval_results(run_dir)) == 1
+
+
+def test_warning_signal_stops_two_node_training_at_the_same_step(slurm, tmp_path, capsys, monkeypatch,
+                                                                 tiny_overrides):
+    """Both ranks (one per node) agree on the step, checkpoint, and the requeued job resumes there."""
+    run_dir, hold = tmp_path / "run", tmp_path / "hold"
+    monkeypatch.setenv("APO_DIST_HOLD", f"0:train:step1={hold}")  # in the ranks, which run the train stage
+    job = submit(capsys, run_dir, [*tiny_overrides, "loop.rounds=1", "slurm.nodes=2", "launcher.scoring_processes=2",
+                                   "launcher.training_processes=2", "training.checkpoint_every_steps=1"])
+    wait_for_file(hold, job)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    time.sleep(2)
+    hold.unlink()
+    info = wait_for(job)
+    log = job_log(run_dir)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert "preempted: SIGUSR1 received; stopped in round 0 train (checkpointed)" in log
+    train_log = (run_dir / "round_0000" / "logs" / "train.log").read_text()
+    assert "TrainingStopped: training stopped after step 1" in train_log, train_log[-3000:]
+    steps = [json.loads(line)["step"] for line in (run_dir / "round_0000" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(len(steps))) and len(steps) == 2  # 8 labels / batch 4: each step once
+    assert set(request_counts(run_dir).values()) == {1}
