@@ -41,3 +41,22 @@ def machine() -> str:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.machine()} {cpu}, {torch.get_num_threads()} torch threads, {gpu}, torch {torch.__version__}"
+
+
+@torch.no_grad()
+def naive_scores(model, pairs, pad_id: int, device="cpu") -> np.ndarray:
+    """The scoring baseline: one pair (two sequences) per forward pass, every sequence padded to the
+    longest of the whole set; returns the completions' summed log-probs, a then b for each pair."""
+    width = max(len(p) + max(len(a), len(b)) for p, a, b in pairs)
+    out = []
+    for p, a, b in pairs:
+        ids = torch.full((2, width), pad_id)
+        mask = torch.zeros((2, width), dtype=torch.long)
+        for i, c in enumerate((a, b)):
+            ids[i, : len(p) + len(c)] = torch.tensor([*p, *c])
+            mask[i, : len(p) + len(c)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logps = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        token = logps.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        out += [token[i, len(p) - 1: len(p) - 1 + len(c)].sum().item() for i, c in enumerate((a, b))]
+    return np.array(out)

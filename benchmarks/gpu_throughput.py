@@ -42,6 +42,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from common import naive_scores
+
 from apo_dist.models import load_model, load_tokenizer
 from apo_dist.plan import H100, decode_tokens_per_s
 from apo_dist.scoring import sequence_logprobs
@@ -92,24 +94,6 @@ def random_pairs(n: int, vocab: int, prompt: int, comp: tuple[int, int], seed: i
     ids = lambda k: rng.integers(3, vocab, size=int(k)).tolist()  # skip special ids 0-2
     return [(ids(prompt), ids(rng.integers(comp[0], comp[1] + 1)), ids(rng.integers(comp[0], comp[1] + 1)))
             for _ in range(n)]
-
-
-@torch.no_grad()
-def naive_scores(model, pairs, pad_id: int, device) -> np.ndarray:
-    """One pair (two sequences) per forward pass, every sequence padded to the global longest."""
-    width = max(len(p) + max(len(a), len(b)) for p, a, b in pairs)
-    out = []
-    for p, a, b in pairs:
-        ids = torch.full((2, width), pad_id)
-        mask = torch.zeros((2, width), dtype=torch.long)
-        for i, c in enumerate((a, b)):
-            ids[i, : len(p) + len(c)] = torch.tensor([*p, *c])
-            mask[i, : len(p) + len(c)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        logps = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        token = logps.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        out += [token[i, len(p) - 1: len(p) - 1 + len(c)].sum().item() for i, c in enumerate((a, b))]
-    return np.array(out)
 
 
 def fmt_frac(x: float | None) -> str:

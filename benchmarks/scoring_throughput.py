@@ -15,27 +15,10 @@ import time
 import numpy as np
 import torch
 
-from common import machine, model_path, text_pairs
+from common import machine, model_path, naive_scores, text_pairs
 
 from apo_dist.models import load_model, load_tokenizer
 from apo_dist.scoring import sequence_logprobs
-
-
-@torch.no_grad()
-def naive(model, pairs, pad_id: int) -> np.ndarray:
-    """One pair (two sequences) per forward pass, every sequence padded to the global longest."""
-    width = max(len(p) + max(len(a), len(b)) for p, a, b in pairs)
-    out = []
-    for p, a, b in pairs:
-        ids = torch.full((2, width), pad_id)
-        mask = torch.zeros((2, width), dtype=torch.long)
-        for i, c in enumerate((a, b)):
-            ids[i, : len(p) + len(c)] = torch.tensor([*p, *c])
-            mask[i, : len(p) + len(c)] = 1
-        logps = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        token = logps.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        out += [token[i, len(p) - 1: len(p) - 1 + len(c)].sum().item() for i, c in enumerate((a, b))]
-    return np.array(out)
 
 
 def main() -> None:
@@ -51,7 +34,7 @@ def main() -> None:
     pairs = text_pairs(tok, args.pairs, completion_tokens=(4, 32))
 
     t0 = time.perf_counter()
-    base = naive(model, pairs, tok.pad_token_id)
+    base = naive_scores(model, pairs, tok.pad_token_id)
     t_naive = time.perf_counter() - t0
 
     prompts = [p for p, _, _ in pairs for _ in (0, 1)]

@@ -79,6 +79,19 @@ def wait_for_file(path: Path, job: str, timeout: float = 600) -> None:
         time.sleep(0.5)
 
 
+def interrupt(job: str, hold: Path, how: str) -> dict[str, str]:
+    """Once the job waits at its hold point: SLURM requeues it (killing it), or sends the warning
+    signal and lets it go on; then wait for the job to end."""
+    wait_for_file(hold, job)
+    if how == "scontrol_requeue":
+        subprocess.run(["scontrol", "requeue", job], check=True)
+    else:  # what SLURM sends signal_seconds before the time limit: the job stops and requeues itself
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+        time.sleep(2)
+        hold.unlink()
+    return wait_for(job)
+
+
 def submit(capsys, run_dir: Path, overrides: list[str]) -> str:
     assert main(["submit", CONFIG, "--run-dir", str(run_dir), *overrides]) == 0
     return re.search(r"submitted job (\d+)", capsys.readouterr().out).group(1)
@@ -140,14 +153,7 @@ def test_requeued_mid_training_resumes_with_the_same_labels(slurm, tmp_path, cap
     run_dir, hold = tmp_path / "run", tmp_path / "hold"
     monkeypatch.setenv("APO_DIST_HOLD", f"0:train:step1={hold}")  # the job waits after step 1 of round 0
     job = submit(capsys, run_dir, [*tiny_overrides, "training.checkpoint_every_steps=1"])
-    wait_for_file(hold, job)
-    if how == "scontrol_requeue":  # the job is killed and put back in the queue by SLURM itself
-        subprocess.run(["scontrol", "requeue", job], check=True)
-    else:  # what SLURM sends signal_seconds before the time limit: the job stops and requeues itself
-        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
-        time.sleep(2)
-        hold.unlink()
-    info = wait_for(job)
+    info = interrupt(job, hold, how)
     log = job_log(run_dir)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
     assert "restart 1" in log
@@ -217,11 +223,7 @@ def test_warning_signal_stops_two_node_training_at_the_same_step(slurm, tmp_path
     monkeypatch.setenv("APO_DIST_HOLD", f"0:train:step1={hold}")  # in the ranks, which run the train stage
     job = submit(capsys, run_dir, [*tiny_overrides, "loop.rounds=1", "slurm.nodes=2", "launcher.scoring_processes=2",
                                    "launcher.training_processes=2", "training.checkpoint_every_steps=1"])
-    wait_for_file(hold, job)
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
-    time.sleep(2)
-    hold.unlink()
-    info = wait_for(job)
+    info = interrupt(job, hold, "warning_signal")
     log = job_log(run_dir)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
     assert "preempted: SIGUSR1 received; stopped in round 0 train (checkpointed)" in log
