@@ -94,13 +94,9 @@ def cmd_run(args) -> int:
     print(f"run {cfg.name}: {cfg.acquisition.function} acquisition, {cfg.loop.rounds} rounds x "
           f"{cfg.acquisition.labels_per_round} labels, generation backend {backend} ({why}), "
           f"run directory {run_dir}", flush=True)
-    stop_path = RunDir(run_dir).stop_path
-
-    def on_warning(signum, frame):  # the SLURM warning signal (sbatch --signal=B:USR1@...), or `kill -USR1`
-        stop_path.parent.mkdir(parents=True, exist_ok=True)
-        stop_path.write_text(f"{signal.Signals(signum).name} received")
-
-    signal.signal(signal.SIGUSR1, on_warning)
+    # The SLURM warning signal (sbatch --signal=B:USR1@...), or `kill -USR1`: stop at the next safe point.
+    signal.signal(signal.SIGUSR1, lambda signum, frame: RunDir(run_dir).request_stop(
+        f"{signal.Signals(signum).name} received"))
     # Each way a run can end early: (exception, exit code, message format).
     endings = [(ResumeRefused, 3, "refusing to resume: {}"),
                (NotImplementedError, 4, "not available: {}"),

@@ -222,10 +222,6 @@ class Coordinator:
         self.echo(f"report: {self.rd.root / 'report.md'}")
         return results
 
-    def request_stop(self, why: str) -> None:
-        """Ask every process of this run to stop at its next safe point (safe in a signal handler)."""
-        self.rd.stop_path.write_text(why)
-
     def check_stop(self, where: str) -> None:
         if self.rd.stop_path.exists():
             raise Preempted(f"{self.rd.stop_path.read_text() or 'stop requested'}; stopped {where}")

@@ -98,6 +98,11 @@ class RunDir:
         """Present while a stop is requested (SIGUSR1): every process of the run stops at its next safe point."""
         return self.root / "stop_requested"
 
+    def request_stop(self, why: str) -> None:
+        """Ask every process of this run to stop at its next safe point (safe in a signal handler)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.stop_path.write_text(why)
+
     def round_dir(self, r: int) -> Path:
         return self.root / f"round_{r:04d}"
 

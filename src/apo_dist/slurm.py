@@ -179,6 +179,16 @@ def sbatch(script: Path, *options: str) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
+def job_folder(cfg, root: Path) -> tuple[Path, Path]:
+    """<root>/slurm/ with the resolved config the job runs; returns (folder, config path)."""
+    from .config import to_yaml
+
+    folder = root / "slurm"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(to_yaml(cfg))
+    return folder, folder / "config.yaml"
+
+
 def record_job(folder: Path, job: str, kind: str, script: Path) -> None:
     with open(folder / "slurm" / "jobs.jsonl", "a") as f:
         f.write(json.dumps({"job": job, "kind": kind, "script": str(script), "time": time.time()}) + "\n")
@@ -186,17 +196,12 @@ def record_job(folder: Path, job: str, kind: str, script: Path) -> None:
 
 def submit(cfg, run_dir: Path) -> tuple[str, Path]:
     """Render run.sbatch (or hetjob.sbatch) for `cfg` into <run_dir>/slurm/ and sbatch it."""
-    from .config import to_yaml
-
     run_dir = run_dir.resolve()
     active = [j for j in jobs(run_dir) if j["state"] in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING")]
     if active:
         raise SlurmError(f"{run_dir} already has job {active[0]['job']} {active[0]['state']}; "
                          f"wait for it or `scancel {active[0]['job']}`")
-    folder = run_dir / "slurm"
-    folder.mkdir(parents=True, exist_ok=True)
-    config_path = folder / "config.yaml"
-    config_path.write_text(to_yaml(cfg))
+    folder, config_path = job_folder(cfg, run_dir)
     command = [python(cfg), "-m", "apo_dist.cli", "run", str(config_path), "--run-dir", str(run_dir), "--no-progress"]
     values = common_values(cfg, cfg.name, folder, command)
     template = "hetjob.sbatch" if cfg.slurm.generation_nodes else "run.sbatch"
@@ -213,13 +218,8 @@ def submit(cfg, run_dir: Path) -> tuple[str, Path]:
 def submit_sweep(cfg, root: Path, arms: int, sweep_args: list[str]) -> tuple[str, str, Path]:
     """The sweep as a job array (task K runs arm K: `apo-dist sweep ... --task K`), and an
     aggregation job that runs when every task has succeeded. Returns (array job, aggregate job, script)."""
-    from .config import to_yaml
-
     root = root.resolve()
-    folder = root / "slurm"
-    folder.mkdir(parents=True, exist_ok=True)
-    config_path = folder / "config.yaml"
-    config_path.write_text(to_yaml(cfg))
+    folder, config_path = job_folder(cfg, root)
     command = [python(cfg), "-m", "apo_dist.cli", "sweep", str(config_path), *sweep_args, "--root", str(root),
                "--no-progress"]
     values = common_values(cfg, f"{cfg.name}-sweep", folder, command)
