@@ -21,7 +21,8 @@ import torch
 from common import machine, model_path, text_pairs
 
 from apo_dist.config import load_config
-from apo_dist.generation import SamplingParams, make_backend
+from apo_dist.generation.backends import make_backend
+from apo_dist.generation.base import SamplingParams
 from apo_dist.models import load_model, load_tokenizer
 
 

@@ -14,7 +14,7 @@ import tempfile
 import time
 
 from apo_dist.config import load_config
-from apo_dist.judge import LLMJudge
+from apo_dist.oracles.judge import LLMJudge
 
 GOOD = [" a warm, funny and moving film", " great acting and a clever plot", " I loved every minute"]
 BAD = [" a dull and overlong mess", " the plot makes no sense at all", " I was bored from the start"]
@@ -49,7 +49,7 @@ def main() -> None:
         base_url, model = args.base_url, args.model
     else:
         from apo_dist.assets import cache_dir, ensure_model
-        from apo_dist.vllm_servers import SERVED_NAME, EngineOptions, LocalServers
+        from apo_dist.generation.vllm_servers import SERVED_NAME, EngineOptions, LocalServers
 
         servers = LocalServers(1, tempfile.mkdtemp(prefix="judge-bench-"),
                                EngineOptions(dtype="bfloat16", max_model_len=2048))

@@ -50,7 +50,7 @@ def worker(steps: int, batch: int) -> None:
 
 
 def run_mode(config: str | None, steps: int, batch: int) -> list[float]:
-    from apo_dist.launcher import uses_deepspeed
+    from apo_dist.cluster.local import uses_deepspeed
 
     script = [str(Path(__file__).resolve()), "--worker", "--steps", str(steps), "--batch", str(batch)]
     env = dict(os.environ, PYTHONPATH=str(HERE))

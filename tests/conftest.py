@@ -79,8 +79,8 @@ def tiny_overrides(tiny_model_dir, prompt_file) -> list[str]:
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory, tiny_model_dir):
     """ONE real vLLM server (fp32) on the tiny model for the whole session, stopped at the end."""
-    from apo_dist.vllm_engine import vllm_support
-    from apo_dist.vllm_servers import EngineOptions, LocalServers
+    from apo_dist.generation.vllm_engine import vllm_support
+    from apo_dist.generation.vllm_servers import EngineOptions, LocalServers
 
     usable, why = vllm_support()
     if not usable:

@@ -1,7 +1,7 @@
 """A real OpenAI-compatible judge for tests, and a fault-injection proxy in front of it.
 
 `judge_server`: one vLLM CPU server per test session serving SmolLM2-135M-Instruct (started by
-apo_dist.vllm_servers.LocalServers, answering to the model name JUDGE_MODEL).
+apo_dist.generation.vllm_servers.LocalServers, answering to the model name JUDGE_MODEL).
 
 `FaultProxy`: an aiohttp server on 127.0.0.1 (in a thread of the test process) that forwards
 requests to the judge and turns a seeded fraction of them into faults: 429 with Retry-After,
@@ -32,7 +32,7 @@ def judge_server(tmp_path_factory):
     """Base URL (…/v1) of a vLLM server serving SmolLM2-135M-Instruct (model name JUDGE_MODEL)."""
     pytest.importorskip("vllm", reason="the judge server needs vLLM (the CPU build needs AVX-512)")
     from apo_dist.assets import cache_dir, ensure_model
-    from apo_dist.vllm_servers import EngineOptions, LocalServers
+    from apo_dist.generation.vllm_servers import EngineOptions, LocalServers
 
     model = ensure_model("smollm2-135m-instruct", cache_dir())
     servers = LocalServers(1, tmp_path_factory.mktemp("judge_vllm"),

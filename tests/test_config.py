@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from apo_dist.config import ConfigError, changed_keys, check_pool_size, load_config
+from apo_dist.config import ConfigError, changed_keys, load_config
+from apo_dist.counts import check_pool_size
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TINY = CONFIGS / "test_tiny.yaml"

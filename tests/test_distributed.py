@@ -95,7 +95,7 @@ def test_stage_logs_are_in_the_round_folder(launched):
     name, run_dir = launched
     for stage in ("scores", "train"):
         log = (run_dir / "round_0001" / "logs" / f"{stage}.log").read_text()
-        assert "apo_dist.worker" in log and "--num_processes 2" in log
+        assert "apo_dist.cluster.worker" in log and "--num_processes 2" in log
 
 
 def test_zero3_partitions_every_model(launched):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from apo_dist.generation import HFBackend, SamplingParams
+from apo_dist.generation.base import SamplingParams
+from apo_dist.generation.hf import HFBackend
 from apo_dist.models import load_model
 from apo_dist.scoring import sequence_logprobs
 
@@ -64,7 +65,7 @@ def test_stop_at_eos_cuts_after_it(tiny_model_dir, tiny_tokenizer, prompt_ids):
 
 
 def test_each_local_vllm_server_gets_its_own_gpus(monkeypatch):
-    from apo_dist.vllm_engine import gpu_groups
+    from apo_dist.generation.vllm_engine import gpu_groups
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert gpu_groups(4, 2, device_count=8) == ["0,1", "2,3", "4,5", "6,7"]

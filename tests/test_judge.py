@@ -20,8 +20,11 @@ import pytest
 from apo_dist.calls import RateLimiter, Transient, retry
 from apo_dist.cli import main
 from apo_dist.config import ConfigError, load_config
-from apo_dist.judge import JudgeError, LLMJudge, parse_verdict, read_logprobs, render
-from apo_dist.oracle import CustomOracle, LabelStore, OracleError, OracleUnavailable, make_oracle
+from apo_dist.oracles.judge import JudgeError, LLMJudge, parse_verdict, read_logprobs, render
+from apo_dist.oracles.base import OracleError, OracleUnavailable
+from apo_dist.oracles.custom import CustomOracle
+from apo_dist.oracles.registry import make_oracle
+from apo_dist.oracles.store import LabelStore
 
 from .judge_server import JUDGE_KEY, JUDGE_MODEL, FaultProxy, judge_server, pair_key  # noqa: F401 (fixture)
 from .test_loop import run_cli

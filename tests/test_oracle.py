@@ -5,7 +5,8 @@ import math
 import pytest
 
 from apo_dist.evaluation import win_rate
-from apo_dist.oracle import LabelStore, SentimentOracle
+from apo_dist.oracles.sentiment import SentimentOracle
+from apo_dist.oracles.store import LabelStore
 
 GOOD = " wonderful, brilliant, I loved it"
 BAD = " terrible, awful, I hated it"

@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from apo_dist.generation import SamplingParams
+from apo_dist.generation.base import SamplingParams
 from apo_dist.models import load_model, load_tokenizer
 from apo_dist.scoring import prompt_entropy, sequence_logprobs
-from apo_dist.vllm_engine import Probe, StaleWeightsError
-from apo_dist.vllm_servers import EngineOptions, LocalServers, ServerPool, group_members
+from apo_dist.generation.vllm_engine import Probe, StaleWeightsError
+from apo_dist.generation.vllm_servers import EngineOptions, LocalServers, ServerPool, group_members
 
 TOL = 1e-3
 
@@ -153,9 +153,9 @@ def test_offline_engine_in_a_subprocess(tmp_path, tiny_model_dir, perturbed_mode
 import json, sys
 from pathlib import Path
 from apo_dist.config import load_config
-from apo_dist.generation import SamplingParams
+from apo_dist.generation.base import SamplingParams
 from apo_dist.models import load_model, load_tokenizer
-from apo_dist.vllm_engine import VLLMBackend
+from apo_dist.generation.vllm_engine import VLLMBackend
 
 if __name__ == "__main__":
     import logging

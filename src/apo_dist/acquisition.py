@@ -11,7 +11,7 @@ A round selects in two steps, both pure functions over pandas tables:
 The pool is over-sampled so that these steps have something to choose from (f_p =
 ``prompt_factor``, f_g = ``pair_factor``): random draws M prompts, entropy f_p * M,
 certainty/uncertainty f_g * M, hybrid f_p * f_g * M. That sizing lives in
-``config.candidate_prompts_per_round``. Ties (all of round 0, where policy == reference and
+``counts.round_counts``. Ties (all of round 0, where policy == reference and
 every certainty is 0) break at random with the caller's seeded generator, never by position.
 """
 

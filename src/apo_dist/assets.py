@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .config import ASSET_PREFIX
 from .rundir import atomic_write_json, sha256_file
 
+ASSET_PREFIX = "asset:"  # config values naming a packaged offline model: asset:<name>
 MARKER = "apo_dist_asset.json"
 
 

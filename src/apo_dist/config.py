@@ -15,7 +15,8 @@ from typing import Any, Dict, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-ASSET_PREFIX = "asset:"
+from .assets import ASSET_PREFIX, MODELS
+
 ACQUISITION_FUNCTIONS = ("random", "entropy", "certainty", "uncertainty", "hybrid")
 GENERATION_BACKENDS = ("hf", "vllm", "vllm_server", "auto")
 ORACLE_KINDS = ("sentiment", "llm_judge", "reward_model", "custom")
@@ -438,34 +439,10 @@ def _check_model_path(key: str, value: str) -> None:
     if not value:
         return
     if value.startswith(ASSET_PREFIX):
-        from .assets import MODELS
-
         name = value[len(ASSET_PREFIX):]
         _check(name in MODELS, key, f"unknown asset {name!r}; known: {', '.join(MODELS)}")
     elif value.startswith(("/", ".", "~")):
         _check(Path(value).expanduser().is_dir(), key, f"model folder not found: {value}")
-
-
-def candidate_prompts_per_round(cfg: DictConfig) -> int:
-    """How many pool prompts one round draws, by acquisition function (DESIGN.md section 2)."""
-    a = cfg.acquisition
-    m = a.labels_per_round
-    return {
-        "random": m,
-        "entropy": a.prompt_factor * m,
-        "certainty": a.pair_factor * m,
-        "uncertainty": a.pair_factor * m,
-        "hybrid": a.prompt_factor * a.pair_factor * m,
-    }[a.function]
-
-
-def check_pool_size(cfg: DictConfig, n_train_prompts: int) -> None:
-    """A round cannot draw more prompts than the training pool holds."""
-    need = candidate_prompts_per_round(cfg)
-    _check(need <= n_train_prompts, "acquisition.labels_per_round",
-           f"{cfg.acquisition.function} acquisition needs {need} candidate prompts per round "
-           f"but the training pool has only {n_train_prompts}; lower acquisition.labels_per_round "
-           f"or the over-sampling factors, or use a larger prompt pool")
 
 
 def changed_keys(old: DictConfig, new: DictConfig) -> list[tuple[str, Any, Any]]:

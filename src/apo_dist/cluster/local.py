@@ -8,25 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from .rundir import RunDir
+from ..rundir import RunDir
+from ..util import free_port, log_tail
 from .slurm import srun_stage, use_slurm
 
 
 class StageFailed(RuntimeError):
     """A launched stage exited non-zero."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def accelerate_command(cfg, stage: str, run_dir: Path, round_: int, processes: int,
@@ -41,7 +35,7 @@ def accelerate_command(cfg, stage: str, run_dir: Path, round_: int, processes: i
     if not torch.cuda.is_available():
         threads = max(1, (os.cpu_count() or 1) // processes)
         cmd += ["--num_cpu_threads_per_process", str(threads), "--dynamo_backend", "no", "--mixed_precision", "no"]
-    return cmd + ["-m", "apo_dist.worker", stage, "--run-dir", str(run_dir.resolve()), "--round", str(round_)]
+    return cmd + ["-m", "apo_dist.cluster.worker", stage, "--run-dir", str(run_dir.resolve()), "--round", str(round_)]
 
 
 def uses_deepspeed(accelerate_config: str) -> bool:
@@ -75,7 +69,7 @@ def launch_stage(cfg, rd: RunDir, stage: str, round_: int, processes: int) -> di
         log.flush()
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0 or not metrics.exists():
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
+        tail = log_tail(log_path, 40)
         raise StageFailed(f"round {round_} stage {stage} failed on {processes} processes "
                           f"(exit {proc.returncode}); end of {log_path}:\n{tail}")
     return json.loads(metrics.read_text())

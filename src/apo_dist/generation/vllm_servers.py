@@ -2,7 +2,7 @@
 
 `LocalServers` starts K servers on this machine (free ports, one log file each, /health wait,
 process groups stopped on exit, SIGINT/SIGTERM, and with the parent's death). The same code runs on
-a generation node as `python -m apo_dist.vllm_servers serve --model DIR --num K --workdir D`, which
+a generation node as `python -m apo_dist.generation.vllm_servers serve --model DIR --num K --workdir D`, which
 prints the servers' base URLs and keeps them up until it is signalled.
 
 `ServerPool` is the `vllm_server` generation backend: each prompt is one /v1/completions request
@@ -21,9 +21,7 @@ import atexit
 import ctypes
 import logging
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,28 +35,19 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .generation import SamplingParams, completion_row
+from ..calls import backoff_delay
+from ..util import free_port, log_tail
+from .base import SamplingParams, completion_row
 from .vllm_worker import EXTENSION, RELOAD_METHOD
 from .vllm_engine import Probe, StaleWeightsError, cpu_ranges, gpu_groups, engine_dtype, probe_tolerance, request_seed, vllm_env, vllm_sampling
 
-log = logging.getLogger("apo_dist.vllm_servers")
+log = logging.getLogger("apo_dist.generation.vllm_servers")
 
 SERVED_NAME = "policy"  # the model name local servers answer to, whatever checkpoint they hold
 
 
 class ServerStartError(RuntimeError):
     """A vLLM server did not come up; the message carries the end of its log."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def log_tail(path: Path, lines: int = 30) -> str:
-    text = path.read_text(errors="replace") if path.exists() else ""
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def _die_with_parent() -> None:
@@ -89,7 +78,7 @@ class EngineOptions:
                    v.gpu_memory_utilization, v.kv_cache_gb, v.seed)
 
     def cli_args(self) -> list[str]:
-        """These options as `python -m apo_dist.vllm_servers serve` flags."""
+        """These options as `python -m apo_dist.generation.vllm_servers serve` flags."""
         return [a for name, value in vars(self).items() for a in (f"--{name.replace('_', '-')}", str(value))]
 
     def args(self) -> list[str]:
@@ -319,7 +308,7 @@ class ServerPool:
         except (httpx.HTTPError, StaleWeightsError) as e:
             if s.local_index is None:
                 raise RuntimeError(f"{s.url}: weight reload failed ({e}); start servers with "
-                                   f"`python -m apo_dist.vllm_servers serve` (dev mode and the apo-dist "
+                                   f"`python -m apo_dist.generation.vllm_servers serve` (dev mode and the apo-dist "
                                    f"worker extension) on a path they can read") from e
             log.warning("%s: weight reload failed (%s); restarting it on %s", s.url, e, model_path)
             self.local.restart(s.local_index, model_path)
@@ -426,7 +415,7 @@ class ServerPool:
                     continue  # failover is immediate
             finally:
                 s.inflight -= 1
-            await asyncio.sleep(min(0.5 * 2 ** attempt, 8) * random.uniform(0.5, 1.0))
+            await asyncio.sleep(backoff_delay(attempt, cap=8.0))
         raise RuntimeError(f"a generation request failed {self.max_retries + 1} times; last error: {error}")
 
     def close(self) -> None:
@@ -436,7 +425,7 @@ class ServerPool:
 
 def main(argv: list[str] | None = None) -> int:
     """`serve`: start K servers on this node, print their URLs, keep them up until signalled."""
-    parser = argparse.ArgumentParser(prog="python -m apo_dist.vllm_servers")
+    parser = argparse.ArgumentParser(prog="python -m apo_dist.generation.vllm_servers")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start K vLLM servers and keep them up")
     serve.add_argument("--model", required=True)

@@ -19,8 +19,8 @@ from typing import Callable
 
 import pandas as pd
 
-from .generation import SamplingParams, completion_row
-from .models import completion_logprobs
+from .base import SamplingParams, completion_row
+from ..models import completion_logprobs
 from .vllm_worker import EXTENSION, RELOAD_METHOD
 
 log = logging.getLogger("apo_dist.vllm")

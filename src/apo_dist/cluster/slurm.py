@@ -25,9 +25,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+from ..util import free_port, log_tail
+
 log = logging.getLogger("apo_dist.slurm")
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
+TEMPLATES = Path(__file__).resolve().parents[3] / "slurm"
 PLACEHOLDER = re.compile(r"{{(\w+)}}")
 
 # Inside an srun step, each task substitutes its node's values into its command line.
@@ -74,8 +76,6 @@ def training_nodes() -> list[str]:
 def srun_stage(command_for: Callable[[list[str]], list[str]], processes: int) -> list[str]:
     """An srun step over the training nodes, one task per node, each running the `accelerate launch`
     command that `command_for(rendezvous options)` builds for its share of the ranks."""
-    from .launcher import free_port
-
     nodes, port = training_nodes(), free_port()
     if processes % len(nodes):
         raise ValueError(f"{processes} processes do not split evenly over {len(nodes)} nodes {nodes}")
@@ -104,7 +104,7 @@ def generation_servers(cfg, run_dir: Path, model_path: str):
     for old in workdir.glob("*.urls"):
         old.unlink()
     cmd = [*srun_prefix(len(nodes), group=0), "bash", "-c", _SUBSTITUTE + 'exec "${args[@]}"', "serve",
-           sys.executable, "-m", "apo_dist.vllm_servers", "serve", "--model", model_path,
+           sys.executable, "-m", "apo_dist.generation.vllm_servers", "serve", "--model", model_path,
            "--num", str(cfg.slurm.servers_per_node), "--workdir", str(workdir / NODE_NAME), "--host", "0.0.0.0",
            "--urls-file", str(workdir / f"{NODE_NAME}.urls"),
            "--startup-timeout", str(cfg.generation.servers.startup_timeout),
@@ -116,7 +116,7 @@ def generation_servers(cfg, run_dir: Path, model_path: str):
         deadline = time.monotonic() + cfg.generation.servers.startup_timeout + 60
         while len(list(workdir.glob("*.urls"))) < len(nodes):
             if proc.poll() is not None or time.monotonic() > deadline:
-                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+                tail = log_tail(log_path)
                 raise SlurmError(f"vLLM servers on {','.join(nodes)} did not come up (srun exit "
                                  f"{proc.poll()}); server logs in {workdir}; end of {log_path}:\n{tail}")
             time.sleep(1)
@@ -181,7 +181,7 @@ def sbatch(script: Path, *options: str) -> str:
 
 def job_folder(cfg, root: Path) -> tuple[Path, Path]:
     """<root>/slurm/ with the resolved config the job runs; returns (folder, config path)."""
-    from .config import to_yaml
+    from ..config import to_yaml
 
     folder = root / "slurm"
     folder.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ coordinator calls it through `collective_rpc`.
 from __future__ import annotations
 
 RELOAD_METHOD = "apo_reload_weights"
-EXTENSION = "apo_dist.vllm_worker.WeightReload"
+EXTENSION = "apo_dist.generation.vllm_worker.WeightReload"
 
 
 class WeightReload:

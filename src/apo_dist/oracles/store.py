@@ -1,154 +1,27 @@
-"""Preference oracles and the durable label store in front of them.
+"""The durable label store in front of every oracle.
 
-An oracle compares completion a with completion b for a prompt and answers with `label`, the
-probability that a is preferred: 1.0 or 0.0 for a hard answer, 0.5 for a tie, anything between
-for a soft answer, None when the pair cannot be labelled (with `reason`). Every oracle is reached
-through `LabelStore.label`, which answers from the store when the comparison was asked before
-and otherwise asks the oracle and commits the answer before returning it, so a paid comparison
-is never requested twice. Kinds: sentiment (offline, here), llm_judge (judge.py), reward_model
-(reward_model.py), custom (a user's function, here).
+Every oracle is reached through `LabelStore.label`, which answers from the store when the
+comparison was asked before and otherwise asks the oracle and commits the answer before returning
+it, so a paid comparison is never requested twice.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib
 import json
 import math
 import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
-import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from .calls import backoff_delay
-
-
-class Oracle(Protocol):
-    # Identity of the labeller (kind, model, noise, seed ...): part of every store key.
-    identity: str
-
-    def compare(self, prompts: list[str], a: list[str], b: list[str]) -> list[dict]:
-        """One dict per pair with at least `label` (P(a preferred)); other keys are kept as raw."""
-        ...
-
-
-class SentimentOracle:
-    """Prefers the continuation whose prompt+completion has the higher VADER compound score.
-
-    noise="none": deterministic (equal scores are a tie, label 0.5). noise="bradley_terry": the
-    answer is drawn from Bernoulli(sigmoid((s_a - s_b) / temperature)), seeded per comparison, so
-    it behaves like a noisy human or LLM labeller while staying reproducible.
-    """
-
-    def __init__(self, noise: str = "none", temperature: float = 0.1, seed: int = 0):
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-        self.analyzer = SentimentIntensityAnalyzer()
-        self.noise, self.temperature, self.seed = noise, temperature, seed
-        self.identity = json.dumps({"kind": "sentiment", "noise": noise,
-                                    **({"temperature": temperature, "seed": seed} if noise != "none" else {})},
-                                   sort_keys=True)
-
-    def score(self, text: str) -> float:
-        return self.analyzer.polarity_scores(text)["compound"]
-
-    def compare(self, prompts: list[str], a: list[str], b: list[str]) -> list[dict]:
-        return [score_preference(self, prompt, ca, cb, self.score(prompt + ca), self.score(prompt + cb))
-                for prompt, ca, cb in zip(prompts, a, b)]
-
-
-def score_preference(oracle, prompt: str, a: str, b: str, sa: float, sb: float) -> dict:
-    """The answer of a score-based oracle (attributes identity, noise, temperature, seed).
-
-    noise "none": the higher score wins, equal scores tie. "bradley_terry": a draw from
-    Bernoulli(sigmoid((sa - sb) / temperature)), seeded by the comparison.
-    """
-    if oracle.noise == "none":
-        return {"label": 0.5 if sa == sb else float(sa > sb), "score_a": sa, "score_b": sb}
-    p = 1.0 / (1.0 + math.exp(-(sa - sb) / oracle.temperature))
-    rng = np.random.default_rng([oracle.seed, int(comparison_key(oracle.identity, prompt, a, b)[:12], 16)])
-    return {"label": float(rng.random() < p), "p_a": p, "score_a": sa, "score_b": sb}
-
-
-class CustomOracle:
-    """A user's labeller named by import path: fn(prompts, a, b) -> one answer per pair.
-
-    An answer is a bool (a preferred?), a number (P(a preferred)), None (unlabelable) or a dict
-    with `label`. A call that raises is retried `max_retries` times with backoff, then fails.
-    """
-
-    def __init__(self, function: str, max_retries: int = 3):
-        module, name = function.split(":")
-        try:
-            self.fn = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as e:
-            raise OracleError(f"oracle.function={function!r} cannot be loaded: {e}") from None
-        self.max_retries = max_retries
-        self.identity = json.dumps({"kind": "custom", "function": function}, sort_keys=True)
-
-    def compare(self, prompts: list[str], a: list[str], b: list[str]) -> list[dict]:
-        for attempt in range(self.max_retries + 1):
-            try:
-                answers = list(self.fn(prompts, a, b))
-                break
-            except Exception as e:
-                if attempt == self.max_retries:
-                    return [{"status": "error", "reason": f"{type(e).__name__}: {e}"} for _ in prompts]
-                time.sleep(backoff_delay(attempt))
-        if len(answers) != len(prompts):
-            raise ValueError(f"{self.identity}: returned {len(answers)} answers for {len(prompts)} pairs")
-        return [self._answer(x) for x in answers]
-
-    @staticmethod
-    def _answer(x) -> dict:
-        if isinstance(x, dict):
-            return x
-        if x is None:
-            return {"label": None, "reason": "the labeller returned None"}
-        label = float(x)
-        if not 0.0 <= label <= 1.0:
-            raise ValueError(f"custom oracle answer {x!r} is not a preference or a probability in [0, 1]")
-        return {"label": label}
-
-
-def make_oracle(oracle_cfg, seed: int, deterministic: bool = False) -> Oracle:
-    """The labeller a config section names; `deterministic` drops label noise (used for evaluation)."""
-    noise = "none" if deterministic else oracle_cfg.noise
-    if oracle_cfg.kind == "sentiment":
-        return SentimentOracle(noise, oracle_cfg.noise_temperature, seed)
-    if oracle_cfg.kind == "llm_judge":
-        from .judge import LLMJudge
-
-        return LLMJudge(oracle_cfg)
-    if oracle_cfg.kind == "reward_model":
-        from .reward_model import RewardModelOracle
-
-        return RewardModelOracle(oracle_cfg.model, noise, oracle_cfg.noise_temperature, seed)
-    if oracle_cfg.kind == "custom":
-        return CustomOracle(oracle_cfg.function, oracle_cfg.max_retries)
-    raise ValueError(f"unknown oracle kind {oracle_cfg.kind!r}")
-
-
-def comparison_key(identity: str, prompt: str, a: str, b: str) -> str:
-    """Order-free key: (a, b) and (b, a) are the same comparison."""
-    first, second = sorted((a, b))
-    return hashlib.sha256(json.dumps([identity, prompt, first, second]).encode()).hexdigest()
-
+from .base import Oracle, OracleUnavailable, comparison_key
 
 ANSWER_COLUMNS = ("model", "prompt_version", "shown_order", "raw_text", "input_tokens", "output_tokens",
                   "cost", "latency")
 
-
-class OracleError(RuntimeError):
-    """An oracle failed; its message never holds a secret."""
-
-
-class OracleUnavailable(OracleError):
-    """The oracle could not answer (retries exhausted); answers already received are stored."""
 
 
 class LabelStore:

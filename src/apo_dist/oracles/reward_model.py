@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from .oracle import score_preference
+from .base import score_preference
 
 
 class RewardModelOracle:

@@ -1,6 +1,6 @@
 """Entry point for one stage of one round on every rank, as `accelerate launch` runs it:
 
-    accelerate launch [--config_file F] --num_processes K -m apo_dist.worker STAGE --run-dir D --round R
+    accelerate launch [--config_file F] --num_processes K -m apo_dist.cluster.worker STAGE --run-dir D --round R
 
 It reads the run directory's config.yaml, runs the same stage function the coordinator runs
 in-process (every rank computes, rank 0 writes the stage's tables), and rank 0 leaves the stage's
@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="apo_dist.worker")
+    parser = argparse.ArgumentParser(prog="apo_dist.cluster.worker")
     parser.add_argument("stage", choices=["entropy", "scores", "train"])
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--round", type=int, required=True)

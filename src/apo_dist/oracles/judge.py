@@ -24,8 +24,8 @@ import time
 
 import openai
 
-from .calls import RateLimiter, RetriesExhausted, Transient, retry
-from .oracle import OracleError, comparison_key
+from ..calls import RateLimiter, RetriesExhausted, Transient, retry
+from .base import OracleError, comparison_key
 
 PROMPT_VERSION = "judge-v1"
 

@@ -1,0 +1,53 @@
+"""How much one round does, from the config alone: the single place these counts are decided.
+
+The stages draw, sample, keep and train on exactly these numbers, and the plan (`--dry-run`)
+estimates from them, so the two cannot drift. Paper notation: M labels per round, f_p the prompt
+over-sampling factor of the entropy step, f_g the pair over-generation factor of the certainty step,
+N samples per prompt in the entropy estimate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ConfigError
+
+ENTROPY_FUNCTIONS = ("entropy", "hybrid")  # acquisition functions that sample N completions per pool prompt
+
+
+@dataclass(frozen=True)
+class RoundCounts:
+    pool_prompts: int  # unused training prompts drawn into the round's pool
+    entropy_samples: int  # completions sampled for the entropy estimate (N per pool prompt; 0 if unused)
+    pair_prompts: int  # prompts kept for pair generation; one candidate pair each, every pair scored
+    labels: int  # pairs acquired and sent to the oracle (M)
+    train_pairs: int  # labelled pairs the round's training sees: every label so far, in both init modes
+
+
+def uses_entropy(cfg) -> bool:
+    return cfg.acquisition.function in ENTROPY_FUNCTIONS
+
+
+def round_counts(cfg, r: int) -> RoundCounts:
+    """Round r's counts: random draws M prompts, entropy f_p*M (keeps M), certainty and uncertainty
+    f_g*M, hybrid f_p*f_g*M (keeps f_g*M by entropy, then M pairs by certainty)."""
+    a = cfg.acquisition
+    m, fp, fg = a.labels_per_round, a.prompt_factor, a.pair_factor
+    pool = {"random": m, "entropy": fp * m, "certainty": fg * m, "uncertainty": fg * m,
+            "hybrid": fp * fg * m}[a.function]
+    return RoundCounts(
+        pool_prompts=pool,
+        entropy_samples=pool * cfg.scoring.entropy_samples if uses_entropy(cfg) else 0,
+        pair_prompts={"entropy": m, "hybrid": fg * m}.get(a.function, pool),
+        labels=m,
+        train_pairs=(r + 1) * m,
+    )
+
+
+def check_pool_size(cfg, n_train_prompts: int) -> None:
+    """A round cannot draw more prompts than the training pool holds."""
+    need = round_counts(cfg, 0).pool_prompts
+    if need > n_train_prompts:
+        raise ConfigError(
+            f"config key 'acquisition.labels_per_round': {cfg.acquisition.function} acquisition needs {need} "
+            f"candidate prompts per round but the training pool has only {n_train_prompts}; lower "
+            f"acquisition.labels_per_round or the over-sampling factors, or use a larger prompt pool")
