@@ -65,7 +65,7 @@ def main() -> None:
     ]:
         cfg = load_config(None, [f"model.policy={path}", f"generation.vllm.dtype={args.vllm_dtype}",
                                  "generation.vllm.probe_tolerance=0.2", *overrides])
-        backend = make_backend(cfg, load, tok, workdir, progress=False)
+        backend = make_backend(cfg.generation, cfg.model.dtype, load, tok, workdir, progress=False)
         try:
             startup, seconds = timed(backend, path, prompts, params)
         finally:

@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 
-from apo_dist.config import load_config
+from apo_dist.config import VLLMConfig, load_config
 from apo_dist.oracles.judge import LLMJudge
 
 GOOD = [" a warm, funny and moving film", " great acting and a clever plot", " I loved every minute"]
@@ -49,10 +49,10 @@ def main() -> None:
         base_url, model = args.base_url, args.model
     else:
         from apo_dist.assets import cache_dir, ensure_model
-        from apo_dist.generation.vllm_servers import SERVED_NAME, EngineOptions, LocalServers
+        from apo_dist.generation.vllm_servers import SERVED_NAME, LocalServers
 
         servers = LocalServers(1, tempfile.mkdtemp(prefix="judge-bench-"),
-                               EngineOptions(dtype="bfloat16", max_model_len=2048))
+                               VLLMConfig(dtype="bfloat16", max_model_len=2048))
         base_url, model = servers.start(str(ensure_model("smollm2-135m-instruct", cache_dir())))[0], SERVED_NAME
     try:
         rows, offset = [], 0

@@ -80,12 +80,13 @@ def tiny_overrides(tiny_model_dir, prompt_file) -> list[str]:
 def vllm_server(tmp_path_factory, tiny_model_dir):
     """ONE real vLLM server (fp32) on the tiny model for the whole session, stopped at the end."""
     from apo_dist.generation.vllm_engine import vllm_support
-    from apo_dist.generation.vllm_servers import EngineOptions, LocalServers
+    from apo_dist.config import VLLMConfig
+    from apo_dist.generation.vllm_servers import LocalServers
 
     usable, why = vllm_support()
     if not usable:
         pytest.skip(why)
-    servers = LocalServers(1, tmp_path_factory.mktemp("vllm_server"), EngineOptions(dtype="float32"))
+    servers = LocalServers(1, tmp_path_factory.mktemp("vllm_server"), VLLMConfig(dtype="float32"))
     try:
         servers.start(str(tiny_model_dir))
         yield servers

@@ -32,11 +32,12 @@ def judge_server(tmp_path_factory):
     """Base URL (…/v1) of a vLLM server serving SmolLM2-135M-Instruct (model name JUDGE_MODEL)."""
     pytest.importorskip("vllm", reason="the judge server needs vLLM (the CPU build needs AVX-512)")
     from apo_dist.assets import cache_dir, ensure_model
-    from apo_dist.generation.vllm_servers import EngineOptions, LocalServers
+    from apo_dist.config import VLLMConfig
+    from apo_dist.generation.vllm_servers import LocalServers
 
     model = ensure_model("smollm2-135m-instruct", cache_dir())
     servers = LocalServers(1, tmp_path_factory.mktemp("judge_vllm"),
-                           EngineOptions(dtype="bfloat16", max_model_len=2048))
+                           VLLMConfig(dtype="bfloat16", max_model_len=2048))
     try:
         yield servers.start(str(model))[0]
     finally:

@@ -61,7 +61,7 @@ def test_certainty_ranking_equals_bt_distance_from_half():
 # ---- step 1: prompts ----
 
 def test_entropy_selects_top_m_and_ranks_all():
-    out = select_prompts(prompts(ENTROPIES), "entropy", 2, 3, rng())
+    out = select_prompts(prompts(ENTROPIES), "entropy", 2, rng())
     assert chosen(out[out.selected], "prompt_id") == ["p1", "p3"]
     assert list(out.entropy_rank) == [4, 1, 3, 0, 5, 2]
     assert out.selected.dtype == bool and out.entropy_rank.dtype.kind == "i"
@@ -69,34 +69,34 @@ def test_entropy_selects_top_m_and_ranks_all():
 
 
 def test_hybrid_selects_top_pair_factor_times_m():
-    out = select_prompts(prompts(ENTROPIES), "hybrid", 1, 3, rng())
+    out = select_prompts(prompts(ENTROPIES), "hybrid", 3, rng())  # keep = f_g * M = 3 * 1
     assert set(out.prompt_id[out.selected]) == {"p3", "p1", "p5"}
 
 
 @pytest.mark.parametrize("function", ["random", "certainty", "uncertainty"])
 def test_other_functions_keep_every_prompt(function):
-    out = select_prompts(prompts([float("nan")] * 4), function, 4, 8, rng())
+    out = select_prompts(prompts([float("nan")] * 4), function, 4, rng())
     assert out.selected.all() and (out.entropy_rank == -1).all()
 
 
 def test_prompt_errors():
-    with pytest.raises(ValueError, match="at least 7 prompts"):
-        select_prompts(prompts(ENTROPIES), "entropy", 7, 1, rng())
-    with pytest.raises(ValueError, match="at least 9 prompts"):
-        select_prompts(prompts(ENTROPIES), "hybrid", 3, 3, rng())
-    with pytest.raises(ValueError, match="at least 8 prompts"):
-        select_prompts(prompts(ENTROPIES), "random", 8, 1, rng())
+    with pytest.raises(ValueError, match="keeps 7 prompts for pair generation, got 6"):
+        select_prompts(prompts(ENTROPIES), "entropy", 7, rng())
+    with pytest.raises(ValueError, match="keeps 9 prompts"):
+        select_prompts(prompts(ENTROPIES), "hybrid", 9, rng())
+    with pytest.raises(ValueError, match="keeps 8 prompts"):
+        select_prompts(prompts(ENTROPIES), "random", 8, rng())
     with pytest.raises(ValueError, match="1 of 6 are NaN"):
-        select_prompts(prompts(ENTROPIES[:5] + [float("nan")]), "hybrid", 1, 2, rng())
+        select_prompts(prompts(ENTROPIES[:5] + [float("nan")]), "hybrid", 2, rng())
     with pytest.raises(ValueError, match="unknown acquisition function"):
-        select_prompts(prompts(ENTROPIES), "bald", 1, 1, rng())
+        select_prompts(prompts(ENTROPIES), "bald", 1, rng())
 
 
 def test_entropy_ties_break_at_random_reproducibly():
     table = prompts([1.0] * 6 + [0.0] * 2)
-    picks = [tuple(chosen(select_prompts(table, "entropy", 2, 1, rng(s)).query("selected"),
+    picks = [tuple(chosen(select_prompts(table, "entropy", 2, rng(s)).query("selected"),
                           "prompt_id")) for s in range(200)]
-    assert picks[:20] == [tuple(chosen(select_prompts(table, "entropy", 2, 1, rng(s))
+    assert picks[:20] == [tuple(chosen(select_prompts(table, "entropy", 2, rng(s))
                                        .query("selected"), "prompt_id")) for s in range(20)]
     assert len(set(picks[:20])) > 5
     assert {p for pick in picks for p in pick} == {f"p{i}" for i in range(6)}  # never p6, p7
@@ -129,7 +129,7 @@ def test_hybrid_composes_entropy_then_certainty():
     # One candidate pair per prompt. Entropy keeps pair_factor * m = 4 of 6 prompts
     # (p3, p1, p5, p2); among their pairs the top 2 by certainty are p1's (1.2) and p5's (0.6).
     # p4's pair has the highest certainty overall but p4 has the lowest entropy.
-    step1 = select_prompts(prompts(ENTROPIES), "hybrid", 2, 2, rng())
+    step1 = select_prompts(prompts(ENTROPIES), "hybrid", 4, rng())
     assert set(step1.prompt_id[step1.selected]) == {"p3", "p1", "p5", "p2"}
     candidates = pairs([0.4, 1.2, 0.2, 0.1, 5.0, 0.6])
     candidates = candidates[candidates.prompt_id.isin(step1.prompt_id[step1.selected])]

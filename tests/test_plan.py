@@ -85,12 +85,13 @@ def test_counts_per_function_match_the_selection_code(small, function, pool, pai
     c = plan.round_counts(cfg, 0)
     assert (c["pool_prompts"], c["pair_prompts"], c["entropy_samples"]) == (pool, pairs, samples)
     table = pd.DataFrame({"prompt_id": range(pool), "entropy": np.random.default_rng(0).random(pool)})
-    chosen = acquisition.select_prompts(table, function, 4, 3, np.random.default_rng(0))
+    chosen = acquisition.select_prompts(table, function, c["pair_prompts"], np.random.default_rng(0))
     assert chosen["selected"].sum() == c["pair_prompts"]
 
 
 def test_options_change_the_counts(small, tmp_path):
-    assert plan.round_counts(load_config(small, ["training.init=previous"]), 2)["train_pairs"] == 4
+    # init previous continues from the last policy but, like sft, trains on every label so far
+    assert plan.round_counts(load_config(small, ["training.init=previous"]), 2)["train_pairs"] == 12
     both = plan.round_counts(load_config(small, ["oracle.both_orders=true"]), 0)
     assert (both["label_requests"], both["eval_requests"]) == (8, 20)
     gen = load_config(small, ["scoring.entropy_from_generation=true"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from apo_dist.config import TrainingConfig
-from apo_dist.models import load_model
+from apo_dist.models import completion_logprobs, load_model
 from apo_dist.scoring import sequence_logprobs
 from apo_dist.training import dpo_loss, gradient_accumulation, train_dpo
 
@@ -31,9 +31,28 @@ def test_dpo_loss_hard_labels_by_hand():
     assert out["margin"].item() == pytest.approx(2.0)
     assert out["reward_a"].item() == pytest.approx(1.0)  # 0.5 * (-3 - -5)
     assert out["reward_b"].item() == pytest.approx(-1.0)  # 0.5 * (-9 - -7)
-    assert out["loss"].item() == pytest.approx(-log_sigmoid(2.0))
-    assert loss_of(*Z_IS_2, 0.0, 0.5)["loss"].item() == pytest.approx(-log_sigmoid(-2.0))
-    assert -log_sigmoid(-2.0) == pytest.approx(2.0 + -log_sigmoid(2.0))  # the reference itself
+    # -log sigmoid(2) = log(1 + e^-2) = 0.126928...; label 0 (b preferred): -log sigmoid(-2) = 2 + that
+    assert out["loss"].item() == pytest.approx(0.1269280110, abs=1e-9)
+    assert loss_of(*Z_IS_2, 0.0, 0.5)["loss"].item() == pytest.approx(2.1269280110, abs=1e-9)
+
+
+def test_dpo_loss_label_1_is_minus_log_sigmoid_of_beta_times_margin():
+    beta, pa, pb, ra, rb = 0.1, -12.5, -20.25, -14.0, -19.0  # margins 1.5 and -1.25
+    out = loss_of(pa, pb, ra, rb, 1.0, beta)
+    assert out["reward_a"].item() == pytest.approx(beta * (pa - ra))
+    assert out["reward_b"].item() == pytest.approx(beta * (pb - rb))
+    assert out["loss"].item() == pytest.approx(-log_sigmoid(beta * (1.5 - -1.25)))
+    assert out["loss"].item() == pytest.approx(math.log1p(math.exp(-0.275)), rel=1e-12)
+
+
+def test_dpo_loss_tie_is_symmetric():
+    """Label 0.5: the loss is log(2 cosh(z / 2)), the same for z and -z, minimal (ln 2) at z = 0."""
+    tie = loss_of(*Z_IS_2, 0.5, 0.5)["loss"].item()
+    assert tie == pytest.approx(math.log(2 * math.cosh(1.0)))
+    assert tie == pytest.approx(1.1269280110, abs=1e-9)
+    swapped = loss_of(Z_IS_2[1], Z_IS_2[0], Z_IS_2[3], Z_IS_2[2], 0.5, 0.5)
+    assert swapped["margin"].item() == pytest.approx(-2.0) and swapped["loss"].item() == pytest.approx(tie)
+    assert tie > math.log(2)
 
 
 @pytest.mark.parametrize("label", [0.0, 0.3, 0.5, 1.0])
@@ -146,10 +165,83 @@ def test_train_dpo_is_deterministic(trained, pairs, tiny_model_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_short_last_batch_with_fewer_micro_batches_than_accumulation(pairs, tiny_model_dir, tmp_path):
-    """5 pairs, batch 4 of micro-batches of 2: the last step has one micro-batch of one pair."""
-    from types import SimpleNamespace
+# ---- gradient accumulation gives the gradient of the whole batch ----
 
-    tcfg = SimpleNamespace(**{**vars(TCFG), "epochs": 1, "batch_size": 4, "micro_batch_size": 2})
-    result = train_dpo(pairs.iloc[:5], str(tiny_model_dir), tmp_path / "policy", tcfg, seed=0, progress=False)
-    assert result.steps == 2 and all(h["loss"] > 0 for h in result.history)
+@pytest.fixture
+def sgd(monkeypatch):
+    """train_dpo with plain SGD in place of AdamW, so that one step moves the weights by -lr * gradient."""
+    def make(params, lr, weight_decay):
+        assert weight_decay == 0
+        return torch.optim.SGD(params, lr=lr)
+
+    monkeypatch.setattr(torch.optim, "AdamW", make)
+
+
+@pytest.fixture(scope="module")
+def pairs10(tiny_model_dir, tiny_tokenizer):
+    """10 pairs with hard, tied and soft labels."""
+    model = load_model(str(tiny_model_dir))
+    table = random_pairs(model, tiny_tokenizer.pad_token_id, len(tiny_tokenizer), n=10, seed=1)
+    return table.assign(label=[1.0, 0.0, 0.5, 1.0, 0.3, 1.0, 0.0, 1.0, 0.8, 0.0])
+
+
+def weight_change(model_dir, tiny_model_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    new, old = load_file(model_dir / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    assert new.keys() == old.keys()
+    return {k: new[k].double() - old[k].double() for k in old}
+
+
+def assert_close_relative(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rel: float = 1e-5):
+    """Each tensor of `a` is within `rel` of `b`'s in norm (an all-zero `b` tensor would pass anything)."""
+    assert a.keys() == b.keys()
+    for k in b:
+        assert b[k].norm() > 0, k
+        print(k, float((a[k] - b[k]).norm() / b[k].norm()))
+        assert (a[k] - b[k]).norm() <= rel * b[k].norm(), k
+
+
+# No clipping; lr large enough for the steps to stand well above float32 rounding of the weights
+# (the norm weights are 1, gradients about 1e-3).
+SGD_TCFG = TrainingConfig(beta=0.1, lr=100.0, epochs=1, max_grad_norm=1e9, checkpoint_every_steps=0)
+
+
+@pytest.mark.parametrize("micro", [16, 8, 4, 2])
+def test_one_step_is_the_gradient_of_the_mean_loss(micro, sgd, pairs10, tiny_model_dir, tiny_tokenizer, tmp_path):
+    """10 pairs, batch 16: one optimizer step whatever the micro-batch size. With micro 4 (3 of 4
+    micro-batches) or 2 (5 of 8) the effective batch is short of the accumulation steps."""
+    tcfg = TrainingConfig(**{**vars(SGD_TCFG), "batch_size": 16, "micro_batch_size": micro})
+    result = train_dpo(pairs10, str(tiny_model_dir), tmp_path / "policy", tcfg, seed=0, progress=False)
+    assert result.steps == 1
+
+    model = load_model(str(tiny_model_dir), "float32")  # by hand: one forward pass over the 10 pairs
+    prompts = list(pairs10["prompt_ids"])
+    logp, _, _ = completion_logprobs(model, prompts * 2, list(pairs10["tokens_a"]) + list(pairs10["tokens_b"]),
+                                     tiny_tokenizer.pad_token_id)
+    as_tensor = lambda col: torch.tensor(pairs10[col].values, dtype=torch.float32)  # noqa: E731
+    loss = dpo_loss(logp[:10], logp[10:], as_tensor("ref_logp_a"), as_tensor("ref_logp_b"), as_tensor("label"),
+                    tcfg.beta)["loss"]
+    loss.mean().backward()
+    assert result.history[0]["loss"] == pytest.approx(loss.mean().item(), rel=1e-6)
+    expected = {name: -tcfg.lr * p.grad.double() for name, p in model.named_parameters()}
+    changed = weight_change(tmp_path / "policy", tiny_model_dir)
+    expected = {k: expected[k] for k in changed}  # lm_head is tied to the embeddings and not saved
+    assert_close_relative(changed, expected)
+
+
+import os
+LR = float(os.environ.get('LR', '10'))
+@pytest.mark.parametrize("micro", [2, 1])
+def test_accumulation_matches_whole_batches_with_a_short_last_batch(micro, sgd, pairs10, tiny_model_dir, tmp_path):
+    """10 pairs, batch 4: steps of 4, 4 and 2 pairs. The last one, as 1 micro-batch of 2 with 2
+    accumulation steps (or 2 of 1 with 4), gives the same weights as whole batches of 4."""
+    whole = TrainingConfig(**{**vars(SGD_TCFG), "lr": LR, "epochs": 2, "batch_size": 4, "micro_batch_size": 4})
+    accumulated = TrainingConfig(**{**vars(whole), "micro_batch_size": micro})
+    a = train_dpo(pairs10, str(tiny_model_dir), tmp_path / "whole", whole, seed=0, progress=False)
+    b = train_dpo(pairs10, str(tiny_model_dir), tmp_path / "accumulated", accumulated, seed=0, progress=False)
+    assert a.steps == b.steps == 6
+    for x, y in zip(a.history, b.history):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+    assert_close_relative(weight_change(tmp_path / "accumulated", tiny_model_dir),
+                          weight_change(tmp_path / "whole", tiny_model_dir))

@@ -25,7 +25,8 @@ from apo_dist.generation.base import SamplingParams
 from apo_dist.models import load_model, load_tokenizer
 from apo_dist.scoring import prompt_entropy, sequence_logprobs
 from apo_dist.generation.vllm_engine import Probe, StaleWeightsError
-from apo_dist.generation.vllm_servers import EngineOptions, LocalServers, ServerPool, group_members
+from apo_dist.config import VLLMConfig
+from apo_dist.generation.vllm_servers import LocalServers, ServerPool, group_members
 
 TOL = 1e-3
 
@@ -122,7 +123,7 @@ def test_killed_server_mid_stage_its_requests_go_to_the_other(vllm_server, tmp_p
     params = SamplingParams(n=4, max_new_tokens=24, fixed_length=True, seed=11)
     many = prompts * 3
     expected = pool_of(vllm_server.urls, tok, models).generate(str(tiny_model_dir), many, params)
-    second = LocalServers(1, tmp_path, EngineOptions(dtype="float32"))
+    second = LocalServers(1, tmp_path, VLLMConfig(dtype="float32"))
     try:
         second.start(str(tiny_model_dir))
         pool = pool_of([*vllm_server.urls, *second.urls], tok, models, concurrency=8)
@@ -162,7 +163,7 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     cfg = load_config(None, ["model.policy={tiny_model_dir}", "generation.backend=vllm"])
     tok = load_tokenizer("{tiny_model_dir}")
-    backend = VLLMBackend(cfg, load_model, tok, Path("{tmp_path}"), progress=False)
+    backend = VLLMBackend(cfg.generation.vllm, cfg.model.dtype, load_model, tok, Path("{tmp_path}"), progress=False)
     params = SamplingParams(n=2, max_new_tokens=6, fixed_length=True, seed=5)
     prompts = json.loads('{json.dumps(prompts)}')
     try:

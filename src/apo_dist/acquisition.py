@@ -1,4 +1,4 @@
-"""Acquisition: choose which candidate pairs go to the oracle (DESIGN.md section 2).
+"""Acquisition: choose which candidate pairs go to the oracle (Muldrew et al. 2024, section 4).
 
 A round selects in two steps, both pure functions over pandas tables:
 
@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from apo_dist.config import ACQUISITION_FUNCTIONS
+from .config import AcquisitionFunction
+from .counts import ENTROPY_FUNCTIONS
 
 
 def implicit_reward(logp_policy, logp_ref, beta: float) -> np.ndarray:
@@ -40,27 +41,23 @@ def bt_probability(reward_a, reward_b) -> np.ndarray:
     return np.where(d >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-def select_prompts(entropy: pd.DataFrame, function: str, m: int, pair_factor: int,
+def select_prompts(entropy: pd.DataFrame, function: str, keep: int,
                    rng: np.random.Generator) -> pd.DataFrame:
     """Step 1: mark the prompts whose pairs go on to step 2.
 
-    Returns a copy of ``entropy`` (columns prompt_id, entropy) with a bool column ``selected``
-    and an int column ``entropy_rank`` (0 = highest entropy; every row is ranked for entropy and
-    hybrid, -1 everywhere for the functions that ignore entropy). Raises ValueError when fewer
-    prompts than needed are given (at least M for every function, f_g * M for hybrid) or an
-    entropy that is needed is NaN.
+    ``keep`` is the round's ``counts.round_counts(...).pair_prompts``: M for entropy, f_g * M for
+    hybrid, the whole pool for the functions that ignore entropy. Returns a copy of ``entropy``
+    (columns prompt_id, entropy) with a bool column ``selected`` and an int column
+    ``entropy_rank`` (0 = highest entropy; every row is ranked for entropy and hybrid, -1
+    everywhere for the other functions). Raises ValueError when fewer than ``keep`` prompts are
+    given or an entropy that is needed is NaN.
     """
-    _check_args(function, m)
-    if pair_factor < 1:
-        raise ValueError(f"pair_factor must be >= 1, got {pair_factor}")
+    _check_args(function, keep)
     _require(entropy, ["prompt_id", "entropy"])
-    keep = {"entropy": m, "hybrid": pair_factor * m}.get(function)
-    need = m if keep is None else keep
-    if len(entropy) < need:
-        raise ValueError(f"{function} acquisition needs at least {need} prompts "
-                         f"(labels_per_round={m}, pair_factor={pair_factor}), got {len(entropy)}")
+    if len(entropy) < keep:
+        raise ValueError(f"{function} acquisition keeps {keep} prompts for pair generation, got {len(entropy)}")
     out = entropy.copy()
-    if keep is None:
+    if function not in ENTROPY_FUNCTIONS:
         out["selected"] = True
         out["entropy_rank"] = -1
         return out
@@ -113,10 +110,10 @@ def _ranked_order(key: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return perm[np.argsort(key[perm], kind="stable")]
 
 
-def _check_args(function: str, m: int) -> None:
-    if function not in ACQUISITION_FUNCTIONS:
+def _check_args(function: str, m: int) -> None:  # m: a count that must be positive
+    if function not in set(AcquisitionFunction):
         raise ValueError(f"unknown acquisition function {function!r}; "
-                         f"choose one of {', '.join(ACQUISITION_FUNCTIONS)}")
+                         f"choose one of {', '.join(AcquisitionFunction)}")
     if m < 1:
         raise ValueError(f"m (labels per round) must be >= 1, got {m}")
 

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .config import ConfigError
-    from .slurm import SlurmError
+    from .cluster.slurm import SlurmError
 
     try:
         return {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "report": cmd_report, "assets": cmd_assets,
@@ -83,14 +83,13 @@ def cmd_run(args) -> int:
 
         print(describe(cfg, run_dir))
         return 0
-    from .generation import choose_backend
-    from .launcher import StageFailed
-    from .loop import BudgetExhausted, Preempted, ResumeRefused
-    from .oracle import OracleError
+    from .cluster.slurm import in_job, requeue
+    from .errors import BudgetExhausted, Preempted, ResumeRefused, StageFailed
+    from .generation.backends import choose_backend
+    from .oracles.base import OracleError
     from .rundir import RunDir
-    from .slurm import in_job, requeue
 
-    backend, why = choose_backend(cfg)
+    backend, why = choose_backend(cfg.generation)
     print(f"run {cfg.name}: {cfg.acquisition.function} acquisition, {cfg.loop.rounds} rounds x "
           f"{cfg.acquisition.labels_per_round} labels, generation backend {backend} ({why}), "
           f"run directory {run_dir}", flush=True)
@@ -122,25 +121,25 @@ def run_coordinator(cfg, run_dir: str, progress: bool) -> None:
     from contextlib import nullcontext
 
     from .assets import cache_dir, resolve_model_path
-    from .loop import Coordinator
-    from .slurm import generation_servers, is_hetjob, use_slurm
+    from .cluster.slurm import generation_servers, is_hetjob, use_slurm
+    from .loop import run
 
     servers = nullcontext()
-    if cfg.slurm.generation_nodes and use_slurm(cfg) and is_hetjob():
+    if cfg.slurm.generation_nodes and use_slurm(cfg.launcher) and is_hetjob():
         sft = resolve_model_path(cfg.model.policy, cache_dir(cfg.assets_dir))
-        servers = generation_servers(cfg, Path(run_dir), sft)
+        servers = generation_servers(cfg.generation, cfg.model.dtype, cfg.slurm.servers_per_node, Path(run_dir), sft)
     with servers as urls:
         if urls:
             from omegaconf import read_write
 
             with read_write(cfg):
                 cfg.generation.servers.urls = urls
-        Coordinator(cfg, run_dir, progress=progress).run()
+        run(cfg, run_dir, progress=progress)
 
 
 def cmd_submit(args) -> int:
     from .config import load_config
-    from .slurm import submit
+    from .cluster.slurm import submit
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or os.path.join("runs", cfg.name))
@@ -163,7 +162,7 @@ def cmd_sweep(args) -> int:
     job array (--slurm)."""
     from .aggregate import write_outputs
     from .config import load_config
-    from .slurm import submit_sweep
+    from .cluster.slurm import submit_sweep
 
     base = load_config(args.config, args.overrides)
     root = Path(args.root or os.path.join("runs", f"{base.name}_sweep"))
@@ -205,7 +204,7 @@ def cmd_aggregate(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .slurm import jobs
+    from .cluster.slurm import jobs
 
     root = Path(args.run_dir)
     runs = [root] if (root / "state.json").exists() else sorted(p.parent for p in root.glob("*/state.json"))
@@ -240,7 +239,7 @@ def print_run_status(run_dir: Path, brief: bool) -> None:
     for e in evals:
         print(f"round {e['round']}: labels {e['labels']} win-rate {e['win_rate']:.3f} ± {e['stderr']:.3f}")
     if rd.labels_db.exists():
-        from .oracle import LabelStore
+        from .oracles.store import LabelStore
 
         try:
             store = LabelStore(rd.labels_db)
@@ -262,7 +261,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_export_labels(args) -> int:
-    from .oracle import LabelStore
+    from .oracles.store import LabelStore
     from .rundir import write_table
 
     if not Path(args.store).is_file():

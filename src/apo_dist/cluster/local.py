@@ -14,22 +14,20 @@ from pathlib import Path
 
 import torch
 
+from ..errors import StageFailed
 from ..rundir import RunDir
 from ..util import free_port, log_tail
 from .slurm import srun_stage, use_slurm
 
 
-class StageFailed(RuntimeError):
-    """A launched stage exited non-zero."""
-
-
-def accelerate_command(cfg, stage: str, run_dir: Path, round_: int, processes: int,
+def accelerate_command(launcher, stage: str, run_dir: Path, round_: int, processes: int,
                        rendezvous: list[str] | None = None) -> list[str]:
-    """`accelerate launch` of the worker; `rendezvous`: the machine options (default: this machine)."""
+    """`accelerate launch` of the worker (launcher: the `launcher` section); `rendezvous`: the machine
+    options (default: this machine)."""
     rendezvous = rendezvous or ["--num_machines", "1", "--main_process_port", str(free_port())]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), *rendezvous]
-    if cfg.launcher.accelerate_config:
-        cmd += ["--config_file", str(Path(cfg.launcher.accelerate_config).expanduser().resolve())]
+    if launcher.accelerate_config:
+        cmd += ["--config_file", str(Path(launcher.accelerate_config).expanduser().resolve())]
     elif processes > 1:
         cmd += ["--multi_gpu"]
     if not torch.cuda.is_available():
@@ -46,24 +44,25 @@ def uses_deepspeed(accelerate_config: str) -> bool:
     return yaml.safe_load(Path(accelerate_config).expanduser().read_text()).get("distributed_type") == "DEEPSPEED"
 
 
-def launch_stage(cfg, rd: RunDir, stage: str, round_: int, processes: int) -> dict:
-    """Run `stage` of `round_` on `processes` ranks; returns the metrics rank 0 left behind."""
+def launch_stage(launcher, rd: RunDir, stage: str, round_: int, processes: int) -> dict:
+    """Run `stage` of `round_` on `processes` ranks (launcher: the `launcher` section); returns the
+    metrics rank 0 left behind."""
     logs = rd.round_dir(round_) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     metrics = logs / f"{stage}.metrics.json"
     metrics.unlink(missing_ok=True)
     env = dict(os.environ)
     env.pop("ACCELERATE_USE_CPU", None)
-    if not torch.cuda.is_available() and not uses_deepspeed(cfg.launcher.accelerate_config):
+    if not torch.cuda.is_available() and not uses_deepspeed(launcher.accelerate_config):
         # The GPU launch configs run DDP on CPUs this way (over gloo). DeepSpeed must not see it:
         # it finds the CPU by itself and would otherwise be switched off.
         env["ACCELERATE_USE_CPU"] = "true"
     log_path = logs / f"{stage}.log"
-    if use_slurm(cfg):  # an srun step over the job's training nodes
-        cmd = srun_stage(lambda rendezvous: accelerate_command(cfg, stage, rd.root, round_, processes, rendezvous),
-                         processes)
+    if use_slurm(launcher):  # an srun step over the job's training nodes
+        cmd = srun_stage(lambda rendezvous: accelerate_command(launcher, stage, rd.root, round_, processes,
+                                                               rendezvous), processes)
     else:
-        cmd = accelerate_command(cfg, stage, rd.root, round_, processes)
+        cmd = accelerate_command(launcher, stage, rd.root, round_, processes)
     with open(log_path, "ab") as log:
         log.write(f"\n=== {' '.join(cmd)}\n".encode())
         log.flush()

@@ -47,9 +47,9 @@ def in_job() -> bool:
     return bool(os.environ.get("SLURM_JOB_ID"))
 
 
-def use_slurm(cfg) -> bool:
-    """Run stages as srun steps: launcher.executor=slurm, or auto inside a SLURM job."""
-    return cfg.launcher.executor == "slurm" or (cfg.launcher.executor == "auto" and in_job())
+def use_slurm(launcher) -> bool:
+    """Run stages as srun steps (launcher: the `launcher` section): executor=slurm, or auto inside a SLURM job."""
+    return launcher.executor == "slurm" or (launcher.executor == "auto" and in_job())
 
 
 def scontrol(*args: str) -> str:
@@ -93,10 +93,13 @@ def srun_prefix(nodes: int, group: int | None) -> list[str]:
 
 
 @contextmanager
-def generation_servers(cfg, run_dir: Path, model_path: str):
-    """vLLM servers on the first component of a heterogeneous job (slurm.servers_per_node per node),
-    one srun step kept up for the whole run; yields their base URLs and stops the step at the end."""
-    from .vllm_servers import EngineOptions
+def generation_servers(gen, dtype: str, servers_per_node: int, run_dir: Path, model_path: str):
+    """vLLM servers on the first component of a heterogeneous job (`servers_per_node`: slurm.servers_per_node
+    per node), one srun step kept up for the whole run; yields their base URLs and stops the step at the end.
+
+    `gen`: the `generation` section (gen.vllm: the engine options; gen.servers.startup_timeout);
+    `dtype`: model.dtype, the servers' dtype where generation.vllm.dtype is null."""
+    from ..generation.vllm_servers import serve_args
 
     nodes = hostnames(os.environ["SLURM_JOB_NODELIST_HET_GROUP_0"])
     workdir = run_dir / "slurm" / f"servers_{os.environ['SLURM_JOB_ID']}"
@@ -105,15 +108,14 @@ def generation_servers(cfg, run_dir: Path, model_path: str):
         old.unlink()
     cmd = [*srun_prefix(len(nodes), group=0), "bash", "-c", _SUBSTITUTE + 'exec "${args[@]}"', "serve",
            sys.executable, "-m", "apo_dist.generation.vllm_servers", "serve", "--model", model_path,
-           "--num", str(cfg.slurm.servers_per_node), "--workdir", str(workdir / NODE_NAME), "--host", "0.0.0.0",
+           "--num", str(servers_per_node), "--workdir", str(workdir / NODE_NAME), "--host", "0.0.0.0",
            "--urls-file", str(workdir / f"{NODE_NAME}.urls"),
-           "--startup-timeout", str(cfg.generation.servers.startup_timeout),
-           *EngineOptions.from_config(cfg).cli_args()]
+           "--startup-timeout", str(gen.servers.startup_timeout), *serve_args(gen.vllm, dtype)]
     log_path = workdir / "srun.log"
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + cfg.generation.servers.startup_timeout + 60
+        deadline = time.monotonic() + gen.servers.startup_timeout + 60
         while len(list(workdir.glob("*.urls"))) < len(nodes):
             if proc.poll() is not None or time.monotonic() > deadline:
                 tail = log_tail(log_path)

@@ -2,9 +2,9 @@
 
     accelerate launch [--config_file F] --num_processes K -m apo_dist.cluster.worker STAGE --run-dir D --round R
 
-It reads the run directory's config.yaml, runs the same stage function the coordinator runs
-in-process (every rank computes, rank 0 writes the stage's tables), and rank 0 leaves the stage's
-metrics in <round>/logs/STAGE.metrics.json for the coordinator, which then writes the manifest.
+It reads the run directory's config.yaml and runs the same declared stage the coordinator would
+run in-process (every rank computes, rank 0 writes the stage's outputs), and rank 0 leaves the
+stage's metrics in <round>/logs/STAGE.metrics.json for the coordinator, which then writes the manifest.
 """
 from __future__ import annotations
 
@@ -21,20 +21,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round", type=int, required=True)
     args = parser.parse_args(argv)
 
-    from .config import from_yaml_text
-    from .distributed import init_distributed
-    from .loop import Coordinator
+    from ..config import from_yaml_text
+    from ..context import RunContext
+    from ..distributed import init_distributed
+    from ..engine import run_stage
+    from ..stages import find_stage
 
     run_dir = Path(args.run_dir)
     cfg = from_yaml_text((run_dir / "config.yaml").read_text())
     state = init_distributed(cfg.launcher.collective_timeout_s)
-    coordinator = Coordinator(cfg, run_dir, progress=state.is_main_process, worker=True)
-    coordinator.prepare()
-    metrics = coordinator.stage_function(args.stage, args.round)()
+    ctx = RunContext(cfg, run_dir, progress=state.is_main_process, worker=True)
+    metrics = run_stage(ctx, find_stage(cfg, args.stage, args.round), args.round)
     state.wait_for_everyone()
     if state.is_main_process:
-        logs = run_dir / f"round_{args.round:04d}" / "logs"
-        (logs / f"{args.stage}.metrics.json").write_text(json.dumps(metrics or {}))
+        (ctx.rd.round_dir(args.round) / "logs" / f"{args.stage}.metrics.json").write_text(json.dumps(metrics or {}))
     return 0
 
 

@@ -8,33 +8,35 @@ from .base import Backend
 from .hf import HFBackend
 
 
-def choose_backend(cfg) -> tuple[str, str]:
-    """(backend, why): `generation.backend`, with `auto` resolved to vllm where it can run, else hf."""
-    name = cfg.generation.backend
+def choose_backend(gen) -> tuple[str, str]:
+    """(backend, why): `gen.backend` (gen: the `generation` section), with `auto` resolved to vllm
+    where it can run, else hf."""
+    name = gen.backend
     if name != "auto":
-        return name, "set in the config"
+        return str(name), "set in the config"
     from .vllm_engine import vllm_support
 
     usable, why = vllm_support()
     return ("vllm", f"auto: {why}") if usable else ("hf", f"auto: {why}; using transformers generate")
 
 
-def make_backend(cfg, load: Callable[[str], object], tokenizer, workdir: str | Path,
+def make_backend(gen, dtype: str, load: Callable[[str], object], tokenizer, workdir: str | Path,
                  progress: bool = True) -> Backend:
-    """The generation backend named by `generation.backend`.
+    """The generation backend named by `gen.backend` (gen: the `generation` section).
 
+    `dtype` is model.dtype (the vLLM engines' dtype where generation.vllm.dtype is null);
     `load(path)` returns an HF model (generation for hf; the weight probe for the vLLM backends);
     `workdir` (the run directory) holds vLLM caches and server logs.
     """
-    name, _ = choose_backend(cfg)
+    name, _ = choose_backend(gen)
     if name == "hf":
-        return HFBackend(load, tokenizer, cfg.generation.batch_size, progress)
+        return HFBackend(load, tokenizer, gen.batch_size, progress)
     if name == "vllm":
         from .vllm_engine import VLLMBackend
 
-        return VLLMBackend(cfg, load, tokenizer, Path(workdir), progress)
+        return VLLMBackend(gen.vllm, dtype, load, tokenizer, Path(workdir), progress)
     if name == "vllm_server":
         from .vllm_servers import ServerPool
 
-        return ServerPool.from_config(cfg, load, tokenizer, Path(workdir), progress)
+        return ServerPool.from_config(gen, dtype, load, tokenizer, Path(workdir), progress)
     raise ValueError(f"unknown generation backend {name!r}")

@@ -91,13 +91,18 @@ def request_seed(seed: int, prompt_index: int) -> int:
     return zlib.crc32(f"{seed}/{prompt_index}".encode())
 
 
-def engine_dtype(cfg) -> str:
-    return cfg.generation.vllm.dtype or cfg.model.dtype
+def engine_dtype(vllm, dtype: str | None = None) -> str:
+    """The engine's dtype: `generation.vllm.dtype`, or when that is null (or empty) `dtype` (model.dtype)."""
+    chosen = vllm.dtype or dtype
+    if not chosen:
+        raise ValueError("no vLLM dtype: generation.vllm.dtype is null and no model dtype was given")
+    return str(chosen)
 
 
-def probe_tolerance(cfg) -> float:
-    tol = cfg.generation.vllm.probe_tolerance
-    return PROBE_TOLERANCE[engine_dtype(cfg)] if tol is None else tol
+def probe_tolerance(vllm, dtype: str | None = None) -> float:
+    """`generation.vllm.probe_tolerance`, or when null the default of the engine's dtype."""
+    tol = vllm.probe_tolerance
+    return PROBE_TOLERANCE[engine_dtype(vllm, dtype)] if tol is None else tol
 
 
 class Probe:
@@ -130,12 +135,18 @@ class Probe:
 
 
 class VLLMBackend:
-    """The vLLM offline engine in this process; weights swapped in place when the path changes."""
+    """The vLLM offline engine in this process; weights swapped in place when the path changes.
 
-    def __init__(self, cfg, load: Callable[[str], object], tokenizer, workdir: Path, progress: bool = True):
-        self.cfg = cfg
+    `vllm`: the `generation.vllm` section (a VLLMConfig or its DictConfig node); `dtype`: model.dtype,
+    the engine's dtype where generation.vllm.dtype is null.
+    """
+
+    def __init__(self, vllm, dtype: str | None, load: Callable[[str], object], tokenizer, workdir: Path,
+                 progress: bool = True):
+        self.vllm = vllm
+        self.dtype = engine_dtype(vllm, dtype)
         self.tokenizer = tokenizer
-        self.probe = Probe(tokenizer, load, probe_tolerance(cfg))
+        self.probe = Probe(tokenizer, load, probe_tolerance(vllm, dtype))
         self.workdir = Path(workdir)
         self.progress = progress
         self.llm = None
@@ -144,10 +155,10 @@ class VLLMBackend:
     def _start(self, model_path: str) -> None:
         from vllm import LLM
 
-        v = self.cfg.generation.vllm
+        v = self.vllm
         for key, value in vllm_env(self.workdir / "vllm_cache", v.kv_cache_gb, cpu_ranges(1)[0]).items():
             os.environ.setdefault(key, value)
-        self.llm = LLM(model=model_path, dtype=engine_dtype(self.cfg), tensor_parallel_size=v.tensor_parallel_size,
+        self.llm = LLM(model=model_path, dtype=self.dtype, tensor_parallel_size=v.tensor_parallel_size,
                        max_model_len=v.max_model_len or None, enforce_eager=v.enforce_eager,
                        gpu_memory_utilization=v.gpu_memory_utilization, seed=v.seed,
                        logprobs_mode="raw_logprobs", worker_extension_cls=EXTENSION)

@@ -1,9 +1,11 @@
 """A pool of vLLM OpenAI-compatible servers: their lifecycle, and a client that generates with them.
 
 `LocalServers` starts K servers on this machine (free ports, one log file each, /health wait,
-process groups stopped on exit, SIGINT/SIGTERM, and with the parent's death). The same code runs on
-a generation node as `python -m apo_dist.generation.vllm_servers serve --model DIR --num K --workdir D`, which
-prints the servers' base URLs and keeps them up until it is signalled.
+process groups stopped on exit, SIGINT/SIGTERM, and with the parent's death), with the engine
+options of the `generation.vllm` section. The same code runs on a generation node as
+`python -m apo_dist.generation.vllm_servers serve --model DIR --num K --workdir D [--dtype ...]`
+(one flag per engine option of that section, `serve_args`), which prints the servers' base URLs
+and keeps them up until it is signalled.
 
 `ServerPool` is the `vllm_server` generation backend: each prompt is one /v1/completions request
 (its token ids as the prompt, `n` samples, a seed derived from the stage seed and the prompt index),
@@ -22,11 +24,13 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from ..calls import backoff_delay
+from ..config import ModelConfig, VLLMConfig
 from ..util import free_port, log_tail
 from .base import SamplingParams, completion_row
 from .vllm_worker import EXTENSION, RELOAD_METHOD
@@ -60,35 +65,26 @@ def root_url(url: str) -> str:
     return url.rstrip("/").removesuffix("/v1")
 
 
-@dataclass
-class EngineOptions:
-    """vLLM engine settings shared by every server of a pool."""
-    dtype: str = "float32"
-    max_model_len: int = 0  # 0 = the model's own
-    tensor_parallel_size: int = 1
-    enforce_eager: bool = True
-    gpu_memory_utilization: float = 0.85
-    kv_cache_gb: int = 1
-    seed: int = 0
+# The fields of the generation.vllm section a server needs (the weight probe runs in the coordinator).
+SERVER_OPTIONS = tuple(f.name for f in fields(VLLMConfig) if f.name != "probe_tolerance")
 
-    @classmethod
-    def from_config(cls, cfg) -> "EngineOptions":
-        v = cfg.generation.vllm
-        return cls(engine_dtype(cfg), v.max_model_len, v.tensor_parallel_size, v.enforce_eager,
-                   v.gpu_memory_utilization, v.kv_cache_gb, v.seed)
 
-    def cli_args(self) -> list[str]:
-        """These options as `python -m apo_dist.generation.vllm_servers serve` flags."""
-        return [a for name, value in vars(self).items() for a in (f"--{name.replace('_', '-')}", str(value))]
+def serve_args(vllm, dtype: str | None = None) -> list[str]:
+    """The `generation.vllm` section as `python -m apo_dist.generation.vllm_servers serve` flags, with
+    the engine dtype resolved (`dtype`: model.dtype, used where generation.vllm.dtype is null)."""
+    values = {name: getattr(vllm, name) for name in SERVER_OPTIONS} | {"dtype": engine_dtype(vllm, dtype)}
+    return [a for name, value in values.items() for a in (f"--{name.replace('_', '-')}", str(value))]
 
-    def args(self) -> list[str]:
-        """These options as vLLM server flags."""
-        return ["--dtype", self.dtype, *(["--max-model-len", str(self.max_model_len)] if self.max_model_len else []),
-                "--tensor-parallel-size", str(self.tensor_parallel_size),
-                "--gpu-memory-utilization", str(self.gpu_memory_utilization), "--seed", str(self.seed),
-                "--logprobs-mode", "raw_logprobs", "--worker-extension-cls", EXTENSION,
-                "--disable-uvicorn-access-log", "--disable-log-stats",
-                *(["--enforce-eager"] if self.enforce_eager else [])]
+
+def vllm_server_args(vllm, dtype: str | None = None) -> list[str]:
+    """The `generation.vllm` section as flags of vLLM's OpenAI-compatible server."""
+    return ["--dtype", engine_dtype(vllm, dtype),
+            *(["--max-model-len", str(vllm.max_model_len)] if vllm.max_model_len else []),
+            "--tensor-parallel-size", str(vllm.tensor_parallel_size),
+            "--gpu-memory-utilization", str(vllm.gpu_memory_utilization), "--seed", str(vllm.seed),
+            "--logprobs-mode", "raw_logprobs", "--worker-extension-cls", EXTENSION,
+            "--disable-uvicorn-access-log", "--disable-log-stats",
+            *(["--enforce-eager"] if vllm.enforce_eager else [])]
 
 
 def group_members(pgid: int) -> list[int]:
@@ -116,19 +112,24 @@ def _wait_until_group_gone(pgid: int, timeout: float = 30) -> None:
 
 
 class LocalServers:
-    """K vLLM servers on this machine, each in its own process group, logging to <workdir>/servers/."""
+    """K vLLM servers on this machine, each in its own process group, logging to <workdir>/servers/.
 
-    def __init__(self, num: int, workdir: Path, options: EngineOptions, host: str = "127.0.0.1",
+    `vllm`: the `generation.vllm` section (a VLLMConfig or its DictConfig node); `dtype`: model.dtype,
+    the servers' dtype where generation.vllm.dtype is null.
+    """
+
+    def __init__(self, num: int, workdir: Path, vllm, dtype: str | None = None, host: str = "127.0.0.1",
                  startup_timeout: float = 600):
         self.num = num
         self.dir = Path(workdir) / "servers"
-        self.options = options
+        self.vllm = vllm
+        self.server_args = vllm_server_args(vllm, dtype)  # fails here, not in a server, without a dtype
         self.host = host
         self.startup_timeout = startup_timeout
         self.procs: list[subprocess.Popen | None] = [None] * num
         self.ports = [0] * num
         self.cpus = cpu_ranges(num)
-        self.gpus = gpu_groups(num, options.tensor_parallel_size, torch.cuda.device_count())
+        self.gpus = gpu_groups(num, vllm.tensor_parallel_size, torch.cuda.device_count())
         self._hooked = False
 
     @property
@@ -159,12 +160,12 @@ class LocalServers:
     def _spawn(self, i: int, model_path: str) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ports[i] = free_port()
-        env = {**os.environ, **vllm_env(self.dir / "cache", self.options.kv_cache_gb, self.cpus[i])}
+        env = {**os.environ, **vllm_env(self.dir / "cache", self.vllm.kv_cache_gb, self.cpus[i])}
         if self.gpus[i] is not None:  # each server on its own GPUs
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[i]
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
                "--served-model-name", SERVED_NAME, "--host", self.host, "--port", str(self.ports[i]),
-               *self.options.args()]
+               *self.server_args]
         with open(self.log_path(i), "ab") as logf:
             logf.write(f"\n$ {' '.join(cmd)}\n".encode())
             logf.flush()
@@ -268,14 +269,15 @@ class ServerPool:
         self.progress = progress
 
     @classmethod
-    def from_config(cls, cfg, load: Callable[[str], object], tokenizer, workdir: Path,
+    def from_config(cls, gen, dtype: str | None, load: Callable[[str], object], tokenizer, workdir: Path,
                     progress: bool = True) -> "ServerPool":
-        s = cfg.generation.servers
+        """The pool `gen` (the `generation` section) describes: gen.servers, with gen.vllm for the servers
+        started here and the probe; `dtype` is model.dtype (used where generation.vllm.dtype is null)."""
+        s = gen.servers
         local = None
         if s.num_local:
-            local = LocalServers(s.num_local, workdir, EngineOptions.from_config(cfg),
-                                 startup_timeout=s.startup_timeout)
-        return cls(list(s.urls), tokenizer, Probe(tokenizer, load, probe_tolerance(cfg)), s.model,
+            local = LocalServers(s.num_local, workdir, gen.vllm, dtype, startup_timeout=s.startup_timeout)
+        return cls(list(s.urls), tokenizer, Probe(tokenizer, load, probe_tolerance(gen.vllm, dtype)), s.model,
                    s.concurrency, s.max_retries, s.request_timeout, local, progress)
 
     # --- weights ---------------------------------------------------------------------------
@@ -433,15 +435,19 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--workdir", required=True, help="logs go to WORKDIR/servers/")
     serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other nodes")
     serve.add_argument("--urls-file", help="also write the base URLs here, one per line")
-    defaults = EngineOptions()
-    for name, value in vars(defaults).items():
-        kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
-        serve.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
+    hints = typing.get_type_hints(VLLMConfig)
+    for name in SERVER_OPTIONS:  # generation.vllm's engine options, its defaults; --dtype: model.dtype's
+        kind = hints[name]
+        if typing.get_origin(kind) is typing.Union:  # Optional[X]
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if kind is bool:
+            kind = lambda s: s.lower() in ("1", "true", "yes")  # noqa: E731
+        serve.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(VLLMConfig, name))
     serve.add_argument("--startup-timeout", type=float, default=600)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    options = EngineOptions(**{k: getattr(args, k) for k in vars(defaults)})
-    servers = LocalServers(args.num, Path(args.workdir), options, args.host, args.startup_timeout)
+    vllm = VLLMConfig(**{name: getattr(args, name) for name in SERVER_OPTIONS})
+    servers = LocalServers(args.num, Path(args.workdir), vllm, ModelConfig.dtype, args.host, args.startup_timeout)
     try:
         urls = servers.start(args.model)
         if args.urls_file:

@@ -1,0 +1,134 @@
+"""What every stage body works with: the config, the run directory, the tokenizer, and what a
+process loads once and reuses across stages (the current model, the generation backend, the label
+store). A stage body is a function of (RunContext, round); the engine (engine.py) decides when it
+runs and writes what it returns.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import pandas as pd
+import torch
+from accelerate import PartialState
+
+from .assets import cache_dir, resolve_model_path
+from .distributed import sharding_report, zero3_inference_model, zero_stage
+from .errors import Preempted
+from .generation.backends import make_backend
+from .generation.base import SamplingParams
+from .models import DTYPES, load_model, load_tokenizer
+from .oracles.store import LabelStore
+from .rundir import RunDir
+from .scoring import sequence_logprobs
+
+
+def stage_seed(seed: int, round_: int, stage: str) -> int:
+    """The seed of one stage of one round: runs with the same seed draw the same samples."""
+    return zlib.crc32(f"{seed}/{round_}/{stage}".encode())
+
+
+class RunContext:
+    def __init__(self, cfg, run_dir: str | Path, progress: bool = True, worker: bool = False):
+        self.cfg = cfg
+        self.rd = RunDir(run_dir)
+        self.progress = progress
+        self.worker = worker  # one rank of a stage under `accelerate launch` (cluster/worker.py)
+        if cfg.loop.num_threads:
+            torch.set_num_threads(cfg.loop.num_threads)
+        cache = cache_dir(cfg.assets_dir)
+        self.reference_path = resolve_model_path(cfg.model.reference or cfg.model.policy, cache)
+        self.sft_path = resolve_model_path(cfg.model.policy, cache)
+        self.tokenizer = load_tokenizer(self.sft_path)
+        self._model: tuple[str, object] | None = None
+        self._backend = None
+        self._store: LabelStore | None = None
+
+    # --- who and where -----------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 of a launched stage (always true in the coordinator's own process)."""
+        return PartialState().is_main_process
+
+    @property
+    def run_id(self) -> str:
+        """Who paid for an answer in the label store (budgets count this run's answers only)."""
+        return str(self.rd.root.resolve())
+
+    def seed(self, round_: int, stage: str) -> int:
+        return stage_seed(self.cfg.seed, round_, stage)
+
+    def policy_path(self, r: int) -> str:
+        """The policy that round r samples and scores with: the SFT model, then each round's result."""
+        return self.sft_path if r == 0 else str(self.rd.path("policy", r - 1))
+
+    def check_stop(self, where: str) -> None:
+        """Raise Preempted when a stop was requested (SIGUSR1): call it at safe points only."""
+        if self.rd.stop_path.exists():
+            raise Preempted(f"{self.rd.stop_path.read_text() or 'stop requested'}; stopped {where}")
+
+    # --- what a process holds ----------------------------------------------------------------
+    @property
+    def store(self) -> LabelStore:
+        if self._store is None:
+            self._store = LabelStore(self.cfg.oracle.store or self.rd.labels_db)
+        return self._store
+
+    def model(self, path: str):
+        """The model at `path`, loaded once per stage sequence (one model held at a time).
+
+        Under a multi-process ZeRO-3 launch the model is partitioned across ranks."""
+        if self._model is None or self._model[0] != path:
+            self._model = None
+            state = PartialState()
+            if state.num_processes > 1 and zero_stage() == 3:
+                model = zero3_inference_model(path, DTYPES[self.cfg.model.dtype], state.num_processes)
+            else:
+                model = load_model(path, self.cfg.model.dtype)
+            if self.worker:
+                self.log_sharding(path, sharding_report(model))
+            self._model = (path, model)
+        return self._model[1]
+
+    def release_model(self) -> None:
+        """Free the held model (before training, which loads its own)."""
+        self._model = None
+
+    def log_sharding(self, path: str, report: dict) -> None:
+        """Per rank: how much of each model it holds (logs/sharding_rank_K.jsonl)."""
+        state = PartialState()
+        logs = self.rd.root / "logs"
+        logs.mkdir(exist_ok=True)
+        with open(logs / f"sharding_rank_{state.process_index}.jsonl", "a") as f:
+            f.write(json.dumps({"model": path, "world": state.num_processes, **report}) + "\n")
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+    # --- the two things stages do with a model -------------------------------------------------
+    def sampling(self, n: int, temperature: float, seed: int, truncate: bool = True) -> SamplingParams:
+        """Sampling parameters from the generation section. `truncate=False` samples from the model's
+        own distribution (no top-p/top-k), as the entropy estimate needs."""
+        gen = self.cfg.generation
+        top = {"top_p": gen.top_p, "top_k": gen.top_k} if truncate else {}
+        return SamplingParams(n=n, temperature=temperature, max_new_tokens=gen.max_new_tokens,
+                              fixed_length=gen.fixed_length, seed=seed, **top)
+
+    def generate(self, model_path: str, prompts: pd.DataFrame, params: SamplingParams) -> pd.DataFrame:
+        """Completions for every row of `prompts` (prompt_id, prompt, prompt_ids), one row each."""
+        if self._backend is None:
+            self._backend = make_backend(self.cfg.generation, self.cfg.model.dtype, self.model, self.tokenizer,
+                                         self.rd.root, progress=self.progress)
+        out = self._backend.generate(model_path, [list(p) for p in prompts["prompt_ids"]], params)
+        meta = prompts.iloc[out["prompt_index"].values].reset_index(drop=True)
+        return pd.concat([meta[["prompt_id", "prompt", "prompt_ids"]], out.drop(columns="prompt_index")], axis=1)
+
+    def logprobs(self, model_path: str, samples: pd.DataFrame, with_entropy: bool = False,
+                 desc: str = "score", shard_dir: Path | None = None) -> pd.DataFrame:
+        """Teacher-forced log-probs of each row's completion (token_ids) given its prompt (prompt_ids)."""
+        return sequence_logprobs(self.model(model_path), [list(p) for p in samples["prompt_ids"]],
+                                 [list(t) for t in samples["token_ids"]], self.tokenizer.pad_token_id,
+                                 self.cfg.scoring.batch_size, with_entropy, desc, self.progress, shard_dir)

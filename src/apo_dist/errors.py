@@ -1,0 +1,19 @@
+"""The ways a run stops early, shared by the coordinator, the engine, the launchers and the CLI
+(which maps each to an exit code)."""
+from __future__ import annotations
+
+
+class ResumeRefused(RuntimeError):
+    """The run directory holds a run made with a config that differs in a result-changing way."""
+
+
+class Preempted(RuntimeError):
+    """A stop was requested (the SLURM warning signal); the run stopped at a safe point."""
+
+
+class BudgetExhausted(RuntimeError):
+    """A label or cost budget (oracle.max_labels / oracle.max_cost) stopped the run at a stage boundary."""
+
+
+class StageFailed(RuntimeError):
+    """A launched stage exited non-zero."""
