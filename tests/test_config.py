@@ -1,4 +1,4 @@
-"""load_config validation, pool-size checks and resume diffs (DESIGN.md section 2 for the counts)."""
+"""load_config validation, pool-size checks and resume diffs (the paper, section 4, for the counts)."""
 
 from pathlib import Path
 
@@ -92,7 +92,7 @@ def test_missing_policy_is_reported():
         load_config(TINY, [])
 
 
-# labels_per_round = M = 8, f_p = 2, f_g = 2 in tiny_overrides; rules from DESIGN.md section 2:
+# labels_per_round = M = 8, f_p = 2, f_g = 2 in tiny_overrides; rules of counts.round_counts:
 # random M, entropy f_p*M, certainty/uncertainty f_g*M, hybrid f_p*f_g*M candidate prompts.
 @pytest.mark.parametrize("function, factors, need", [
     ("random", (2, 2), 8),
@@ -195,7 +195,7 @@ def test_choices_are_strings_everywhere(tiny_overrides, tmp_path):
 
 
 
-# Paper settings from DESIGN.md section 2: M = 128, f_p / f_g = 8/32 (IMDB), 4/16 (TL;DR),
+# Paper settings (Muldrew et al. 2024, section 5): M = 128, f_p / f_g = 8/32 (IMDB), 4/16 (TL;DR),
 # beta 0.2, lr 1e-6, 50 / 70 epochs, effective batch 64, pairs at T = 0.7, eval at T = 0.25.
 @pytest.mark.parametrize("name, function, f_p, f_g, epochs, labels", [
     ("paper_imdb", "hybrid", 8, 32, 50, 768),

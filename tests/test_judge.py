@@ -141,18 +141,46 @@ def test_retry_honours_retry_after_then_gives_up():
     assert len(calls) == 3 and all(b - a >= 0.3 for a, b in zip(calls, calls[1:]))
 
 
-def test_rate_limiter_spaces_requests():
+class FakeClock:
+    """time.monotonic and asyncio.sleep for apo_dist.calls: sleeping is recorded and advances the clock."""
+
+    def __init__(self):
+        self.now, self.sleeps = 0.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_rate_limiter_spaces_requests(monkeypatch):
     import asyncio
+    from types import SimpleNamespace
 
-    async def take(n):
-        limiter = RateLimiter(per_minute=600)  # 10 per second, burst 600
-        limiter.level = 0.0
-        start = time.monotonic()
+    from apo_dist import calls
+
+    clock = FakeClock()
+    monkeypatch.setattr(calls, "time", SimpleNamespace(monotonic=clock.monotonic))
+    monkeypatch.setattr(calls, "asyncio", SimpleNamespace(sleep=clock.sleep))
+
+    async def take(n, amount=1.0):
         for _ in range(n):
-            await limiter.acquire()
-        return time.monotonic() - start
+            await limiter.acquire(amount)
 
-    assert 0.45 < asyncio.run(take(5)) < 1.5
+    limiter = RateLimiter(per_minute=240)  # 4 per second, a burst of 240
+    asyncio.run(take(240))
+    assert clock.sleeps == []  # a full bucket: a minute's allowance at once
+    asyncio.run(take(5))
+    assert clock.sleeps == [0.25] * 5 and clock.now == 1.25  # then one every 1/4 s
+    clock.now += 1.0  # idle for a second: 4 refilled
+    asyncio.run(take(4))
+    assert len(clock.sleeps) == 5
+    asyncio.run(take(1, amount=1000))  # more than a minute's allowance waits for a full bucket
+    assert clock.sleeps[5:] == [60.0]
+    asyncio.run(RateLimiter(per_minute=0).acquire(1e9))
+    assert len(clock.sleeps) == 6  # per_minute 0: unlimited, never waits
 
 
 # ---- custom and reward-model oracles, unlabelable pairs (no server) ----
@@ -258,13 +286,15 @@ def test_unlabelable_pairs_are_replaced_by_the_next_best(tmp_path, tiny_override
     assert not set(labels["pair_id"]) & set(refused["pair_id"])
     assert m["unlabelable"] >= len(refused) and m["shortfall"] == 0
     assert m["unlabelable_reasons"] == {"the labeller returned None": m["unlabelable"]}
-    # random acquisition draws exactly M candidates: nothing can replace a refused pair.
-    # (batch_size 2: training.py crashes on a last effective batch with fewer micro-batches than accum)
+    # random acquisition draws exactly M candidates: nothing can replace a refused pair. Training
+    # on what is left ends on a short batch: fewer micro-batches (of 2) than the 2 accumulated.
     run_dir = tmp_path / "random"
-    assert run_cli(run_dir, [*overrides, "training.batch_size=2"]) == 0
-    m = next(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["stage"] == "labels")
+    assert run_cli(run_dir, overrides) == 0
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    m, train = (next(x for x in metrics if x["stage"] == stage) for stage in ("labels", "train"))
     assert m["shortfall"] == m["unlabelable"] > 0 and m["labels"] == 8 - m["shortfall"]
+    assert m["labels"] % 4 in (1, 2) and train["pairs"] == m["labels"]
+    assert train["steps"] == math.ceil(m["labels"] / 4)
 
 
 def test_label_budget_stops_the_run_at_a_stage_boundary(tmp_path, tiny_overrides, capsys):
@@ -325,31 +355,51 @@ def test_labelling_64_pairs_through_faults(judge_server, tmp_path):
     assert proxy.auth_headers == {f"Bearer {JUDGE_KEY}"}
 
 
+KILLED_IN_BATCH = 5  # of 4 pairs each
+
+
 def _label_in_child(db: str, base_url: str) -> None:
+    """Labels 64 pairs in batches of 4 and is killed (SIGKILL) once the judge has answered the
+    KILLED_IN_BATCH-th batch, before the store commits it: 16 answers stored, 4 paid for and lost."""
     os.environ[KEY_ENV] = JUDGE_KEY
     oracle = make_oracle(judge_cfg(base_url, "oracle.answer=logprob", "oracle.max_concurrency=4"), seed=0)
+    compare, batches = oracle.compare, []
+
+    def compare_then_die(*args):
+        answers = compare(*args)
+        batches.append(answers)
+        if len(batches) == KILLED_IN_BATCH:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return answers
+
+    oracle.compare = compare_then_die
     LabelStore(db).label(oracle, *pairs(64, seed=7), batch_size=4, progress=False)
     os._exit(0)
 
 
 def test_killed_labelling_never_resends_a_stored_comparison(judge_server, tmp_path):
     db = tmp_path / "labels.sqlite"
+    prompts, a, b = pairs(64, seed=7)
+    keys = [pair_key(p, x, y) for p, x, y in zip(prompts, a, b)]
+    stored_keys, lost_keys, never_asked = keys[:16], keys[16:20], keys[20:]
     with FaultProxy(judge_server, fault_rate=0.3, faults=("429", "500", "malformed"), seed=2, retry_after=0.5) as proxy:
         child = mp.get_context("fork").Process(target=_label_in_child, args=(str(db), proxy.url))
         child.start()
-        deadline = time.time() + 120
-        while time.time() < deadline and (not db.exists() or len(stored(db)) < 16):
-            time.sleep(0.2)
-        os.kill(child.pid, signal.SIGKILL)
-        child.join()
+        child.join(300)
+        if child.exitcode is None:  # stuck: end it (SIGTERM, so that the assertion below fails)
+            child.terminate()
+            child.join()
         assert child.exitcode == -signal.SIGKILL
         before = stored(db)
         counts_before = dict(proxy.counts)
-        assert 16 <= len(before) < 64
+        assert sorted(before) == sorted(stored_keys)
+        assert all(counts_before.get(k, 0) >= 1 for k in lost_keys)  # asked, answered, not stored
+        assert not any(k in counts_before for k in never_asked)
         oracle = make_oracle(judge_cfg(proxy.url, "oracle.answer=logprob"), seed=0)
-        labels, new = LabelStore(db).label(oracle, *pairs(64, seed=7), progress=False)
-    assert new == 64 - len(before) and len(stored(db)) == 64
-    assert all(proxy.counts[k] == counts_before[k] for k in before)  # nothing stored was asked again
+        labels, new = LabelStore(db).label(oracle, prompts, a, b, progress=False)
+    assert new == 48 and sorted(stored(db)) == sorted(keys)
+    assert all(proxy.counts[k] == counts_before[k] for k in stored_keys)  # nothing stored was asked again
+    assert all(proxy.counts[k] > counts_before[k] for k in lost_keys)  # the lost batch was
     assert all(0 <= x <= 1 for x in labels)
 
 

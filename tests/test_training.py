@@ -42,17 +42,15 @@ def test_dpo_loss_label_1_is_minus_log_sigmoid_of_beta_times_margin():
     assert out["reward_a"].item() == pytest.approx(beta * (pa - ra))
     assert out["reward_b"].item() == pytest.approx(beta * (pb - rb))
     assert out["loss"].item() == pytest.approx(-log_sigmoid(beta * (1.5 - -1.25)))
-    assert out["loss"].item() == pytest.approx(math.log1p(math.exp(-0.275)), rel=1e-12)
 
 
 def test_dpo_loss_tie_is_symmetric():
-    """Label 0.5: the loss is log(2 cosh(z / 2)), the same for z and -z, minimal (ln 2) at z = 0."""
+    """Label 0.5: the loss is log(2 cosh(z / 2)), the same for z and -z."""
     tie = loss_of(*Z_IS_2, 0.5, 0.5)["loss"].item()
     assert tie == pytest.approx(math.log(2 * math.cosh(1.0)))
     assert tie == pytest.approx(1.1269280110, abs=1e-9)
     swapped = loss_of(Z_IS_2[1], Z_IS_2[0], Z_IS_2[3], Z_IS_2[2], 0.5, 0.5)
     assert swapped["margin"].item() == pytest.approx(-2.0) and swapped["loss"].item() == pytest.approx(tie)
-    assert tie > math.log(2)
 
 
 @pytest.mark.parametrize("label", [0.0, 0.3, 0.5, 1.0])
@@ -63,10 +61,10 @@ def test_dpo_loss_is_ln2_at_z0(label):
     assert out["reward_a"].item() == 0.0 and out["reward_b"].item() == 0.0
 
 
-@pytest.mark.parametrize("label", [0.5, 0.3])
-def test_dpo_loss_soft_labels(label):
-    expected = -(label * log_sigmoid(2.0) + (1 - label) * log_sigmoid(-2.0))
-    assert loss_of(*Z_IS_2, label, 0.5)["loss"].item() == pytest.approx(expected)
+@pytest.mark.parametrize("label, expected", [(0.5, 1.1269280110), (0.3, 1.5269280110), (0.8, 0.5269280110)])
+def test_dpo_loss_soft_labels(label, expected):
+    # label * 0.126928... + (1 - label) * 2.126928...
+    assert loss_of(*Z_IS_2, label, 0.5)["loss"].item() == pytest.approx(expected, abs=1e-9)
 
 
 def test_dpo_loss_is_elementwise():
@@ -168,13 +166,18 @@ def test_train_dpo_is_deterministic(trained, pairs, tiny_model_dir, tmp_path):
 # ---- gradient accumulation gives the gradient of the whole batch ----
 
 @pytest.fixture
-def sgd(monkeypatch):
-    """train_dpo with plain SGD in place of AdamW, so that one step moves the weights by -lr * gradient."""
-    def make(params, lr, weight_decay):
-        assert weight_decay == 0
-        return torch.optim.SGD(params, lr=lr)
+def applied_gradients(monkeypatch):
+    """Makes train_dpo use plain SGD in place of AdamW, recording the gradient of every parameter
+    at each optimizer step (Accelerate calls the optimizer only on the step that ends accumulation)."""
+    steps = []
 
-    monkeypatch.setattr(torch.optim, "AdamW", make)
+    class RecordingSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            steps.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, weight_decay: RecordingSGD(params, lr=lr))
+    return steps
 
 
 @pytest.fixture(scope="module")
@@ -185,35 +188,25 @@ def pairs10(tiny_model_dir, tiny_tokenizer):
     return table.assign(label=[1.0, 0.0, 0.5, 1.0, 0.3, 1.0, 0.0, 1.0, 0.8, 0.0])
 
 
-def weight_change(model_dir, tiny_model_dir) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    new, old = load_file(model_dir / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
-    assert new.keys() == old.keys()
-    return {k: new[k].double() - old[k].double() for k in old}
-
-
-def assert_close_relative(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rel: float = 1e-5):
-    """Each tensor of `a` is within `rel` of `b`'s in norm (an all-zero `b` tensor would pass anything)."""
-    assert a.keys() == b.keys()
-    for k in b:
-        assert b[k].norm() > 0, k
-        print(k, float((a[k] - b[k]).norm() / b[k].norm()))
-        assert (a[k] - b[k]).norm() <= rel * b[k].norm(), k
+def assert_close_relative(a: list[torch.Tensor], b: list[torch.Tensor], rel: float = 1e-5):
+    """Each tensor of `a` is within `rel` of `b`'s, in norm; no `b` is zero (that would prove nothing)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert y.norm() > 0
+        assert (x - y).norm() <= rel * y.norm()
 
 
-# No clipping; lr large enough for the steps to stand well above float32 rounding of the weights
-# (the norm weights are 1, gradients about 1e-3).
-SGD_TCFG = TrainingConfig(beta=0.1, lr=100.0, epochs=1, max_grad_norm=1e9, checkpoint_every_steps=0)
+SGD_TCFG = TrainingConfig(beta=0.1, lr=1e-3, epochs=1, max_grad_norm=1e9, checkpoint_every_steps=0)  # no clipping
 
 
 @pytest.mark.parametrize("micro", [16, 8, 4, 2])
-def test_one_step_is_the_gradient_of_the_mean_loss(micro, sgd, pairs10, tiny_model_dir, tiny_tokenizer, tmp_path):
-    """10 pairs, batch 16: one optimizer step whatever the micro-batch size. With micro 4 (3 of 4
-    micro-batches) or 2 (5 of 8) the effective batch is short of the accumulation steps."""
+def test_one_step_applies_the_gradient_of_the_mean_loss(micro, applied_gradients, pairs10, tiny_model_dir,
+                                                          tiny_tokenizer, tmp_path):
+    """10 pairs, batch 16: one optimizer step whatever the micro-batch size. With micro-batches of
+    4 (3 of 4 accumulation steps) or 2 (5 of 8) the batch has fewer micro-batches than accumulation."""
     tcfg = TrainingConfig(**{**vars(SGD_TCFG), "batch_size": 16, "micro_batch_size": micro})
     result = train_dpo(pairs10, str(tiny_model_dir), tmp_path / "policy", tcfg, seed=0, progress=False)
-    assert result.steps == 1
+    assert result.steps == len(applied_gradients) == 1
 
     model = load_model(str(tiny_model_dir), "float32")  # by hand: one forward pass over the 10 pairs
     prompts = list(pairs10["prompt_ids"])
@@ -221,27 +214,26 @@ def test_one_step_is_the_gradient_of_the_mean_loss(micro, sgd, pairs10, tiny_mod
                                      tiny_tokenizer.pad_token_id)
     as_tensor = lambda col: torch.tensor(pairs10[col].values, dtype=torch.float32)  # noqa: E731
     loss = dpo_loss(logp[:10], logp[10:], as_tensor("ref_logp_a"), as_tensor("ref_logp_b"), as_tensor("label"),
-                    tcfg.beta)["loss"]
-    loss.mean().backward()
-    assert result.history[0]["loss"] == pytest.approx(loss.mean().item(), rel=1e-6)
-    expected = {name: -tcfg.lr * p.grad.double() for name, p in model.named_parameters()}
-    changed = weight_change(tmp_path / "policy", tiny_model_dir)
-    expected = {k: expected[k] for k in changed}  # lm_head is tied to the embeddings and not saved
-    assert_close_relative(changed, expected)
+                    tcfg.beta)["loss"].mean()
+    loss.backward()
+    assert result.history[0]["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert_close_relative(applied_gradients[0], [p.grad for p in model.parameters()])
 
 
-import os
-LR = float(os.environ.get('LR', '10'))
 @pytest.mark.parametrize("micro", [2, 1])
-def test_accumulation_matches_whole_batches_with_a_short_last_batch(micro, sgd, pairs10, tiny_model_dir, tmp_path):
-    """10 pairs, batch 4: steps of 4, 4 and 2 pairs. The last one, as 1 micro-batch of 2 with 2
-    accumulation steps (or 2 of 1 with 4), gives the same weights as whole batches of 4."""
-    whole = TrainingConfig(**{**vars(SGD_TCFG), "lr": LR, "epochs": 2, "batch_size": 4, "micro_batch_size": 4})
-    accumulated = TrainingConfig(**{**vars(whole), "micro_batch_size": micro})
+def test_accumulation_matches_whole_batches_with_a_short_batch(micro, applied_gradients, pairs10, tiny_model_dir,
+                                                                tmp_path):
+    """10 pairs, batch 4, 2 epochs: steps of 4, 4 and 2 pairs, twice. The short step, as 1
+    micro-batch of 2 with 2 accumulation steps (or 2 of 1 with 4), and every step after it,
+    applies the same gradient as whole batches of 4."""
+    whole = TrainingConfig(**{**vars(SGD_TCFG), "epochs": 2, "batch_size": 4, "micro_batch_size": 4})
     a = train_dpo(pairs10, str(tiny_model_dir), tmp_path / "whole", whole, seed=0, progress=False)
+    whole_steps = list(applied_gradients)
+    applied_gradients.clear()
+    accumulated = TrainingConfig(**{**vars(whole), "micro_batch_size": micro})
     b = train_dpo(pairs10, str(tiny_model_dir), tmp_path / "accumulated", accumulated, seed=0, progress=False)
-    assert a.steps == b.steps == 6
+    assert a.steps == b.steps == len(whole_steps) == len(applied_gradients) == 6
     for x, y in zip(a.history, b.history):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
-    assert_close_relative(weight_change(tmp_path / "accumulated", tiny_model_dir),
-                          weight_change(tmp_path / "whole", tiny_model_dir))
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6)
+    for x, y in zip(applied_gradients, whole_steps):
+        assert_close_relative(x, y)

@@ -70,7 +70,7 @@ def gpu_groups(k: int, per_server: int, device_count: int) -> list[str | None]:
 
 
 def vllm_env(cache_dir: Path, kv_cache_gb: int, cpus: str) -> dict[str, str]:
-    """Environment for a vLLM engine (DESIGN.md section 4); CPU-only keys are ignored on GPUs."""
+    """Environment for a vLLM engine (the CPU build needs the KV-cache size and thread binding); CPU-only keys are ignored on GPUs."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     rpc = Path(tempfile.gettempdir()) / f"apo-dist-rpc-{os.getuid()}"  # short: ipc paths max ~107 chars
     rpc.mkdir(exist_ok=True)

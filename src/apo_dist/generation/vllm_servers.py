@@ -417,7 +417,7 @@ class ServerPool:
                     continue  # failover is immediate
             finally:
                 s.inflight -= 1
-            await asyncio.sleep(backoff_delay(attempt, cap=8.0))
+            await asyncio.sleep(backoff_delay(attempt))
         raise RuntimeError(f"a generation request failed {self.max_retries + 1} times; last error: {error}")
 
     def close(self) -> None:
