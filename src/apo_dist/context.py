@@ -14,11 +14,11 @@ import torch
 from accelerate import PartialState
 
 from .assets import cache_dir, resolve_model_path
-from .distributed import sharding_report, zero3_inference_model, zero_stage
+from .distributed import deepspeed_enabled, sharding_report, zero3_inference_model, zero_stage
 from .errors import Preempted
 from .generation.backends import make_backend
 from .generation.base import SamplingParams
-from .models import DTYPES, load_model, load_tokenizer
+from .models import DTYPES, load_model, load_tokenizer, training_forward
 from .oracles.store import LabelStore
 from .rundir import RunDir
 from .scoring import sequence_logprobs
@@ -75,20 +75,20 @@ class RunContext:
             self._store = LabelStore(self.cfg.oracle.store or self.rd.labels_db)
         return self._store
 
-    def model(self, path: str):
-        """The model at `path`, loaded once per stage sequence (one model held at a time).
-
-        Under a multi-process ZeRO-3 launch the model is partitioned across ranks."""
-        if self._model is None or self._model[0] != path:
+    def model(self, path: str, dtype: str | None = None):
+        """The model at `path` in `dtype` (default model.dtype), loaded once per stage sequence (one
+        model held at a time). Under a multi-process ZeRO-3 launch it is partitioned across ranks."""
+        key = (path, dtype or self.cfg.model.dtype)
+        if self._model is None or self._model[0] != key:
             self._model = None
             state = PartialState()
             if state.num_processes > 1 and zero_stage() == 3:
-                model = zero3_inference_model(path, DTYPES[self.cfg.model.dtype], state.num_processes)
+                model = zero3_inference_model(path, DTYPES[key[1]], state.num_processes)
             else:
-                model = load_model(path, self.cfg.model.dtype)
+                model = load_model(path, key[1])
             if self.worker:
                 self.log_sharding(path, sharding_report(model))
-            self._model = (path, model)
+            self._model = (key, model)
         return self._model[1]
 
     def release_model(self) -> None:
@@ -128,7 +128,12 @@ class RunContext:
 
     def logprobs(self, model_path: str, samples: pd.DataFrame, with_entropy: bool = False,
                  desc: str = "score", shard_dir: Path | None = None) -> pd.DataFrame:
-        """Teacher-forced log-probs of each row's completion (token_ids) given its prompt (prompt_ids)."""
-        return sequence_logprobs(self.model(model_path), [list(p) for p in samples["prompt_ids"]],
-                                 [list(t) for t in samples["token_ids"]], self.tokenizer.pad_token_id,
-                                 self.cfg.scoring.batch_size, with_entropy, desc, self.progress, shard_dir)
+        """Teacher-forced log-probs of each row's completion (token_ids) given its prompt (prompt_ids),
+        computed in the trainer's precision (models.training_forward), whatever model.dtype is."""
+        weights, autocast = training_forward(self.cfg.training.mixed_precision, deepspeed_enabled())
+        model = self.model(model_path, weights)
+        device = next(model.parameters()).device
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            return sequence_logprobs(model, [list(p) for p in samples["prompt_ids"]],
+                                     [list(t) for t in samples["token_ids"]], self.tokenizer.pad_token_id,
+                                     self.cfg.scoring.batch_size, with_entropy, desc, self.progress, shard_dir)

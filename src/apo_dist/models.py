@@ -19,6 +19,18 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tok
 
 
+def training_forward(mixed_precision: str, deepspeed: bool = False) -> tuple[str, torch.dtype | None]:
+    """(weights dtype, autocast dtype) of the DPO trainer's forward pass, which scoring copies so that
+    the stored reference log-probs and the trainer's first step see the same numbers.
+
+    Accelerate keeps fp32 weights and autocasts to bf16 under mixed precision; DeepSpeed casts the
+    weights themselves to bf16.
+    """
+    if mixed_precision != "bf16":
+        return "float32", None
+    return ("bfloat16", None) if deepspeed else ("float32", torch.bfloat16)
+
+
 def load_model(path: str, dtype: str = "float32", device: str | torch.device = "cpu"):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     return model.to(device)
