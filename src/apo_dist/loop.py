@@ -72,5 +72,6 @@ def check_and_write_config(cfg, rd: RunDir) -> None:
 def round_summary(rd: RunDir, r: int, seconds: float, echo: Callable[[str], None]) -> dict:
     result = json.loads(rd.path("eval", r).read_text())
     echo(f"round {r}: labels {result['labels']:4d} | win-rate {result['win_rate']:.3f} "
-         f"± {result['stderr']:.3f} (n={result['n']}, ties {result['tie_rate']:.2f}) | {seconds:.0f} s")
+         f"± {result['stderr']:.3f} (n={result['n']}, ties {result['tie_rate']:.2f}"
+         f"{', unjudged %d' % result['unjudged'] if result.get('unjudged') else ''}) | {seconds:.0f} s")
     return result

@@ -33,14 +33,15 @@ def write_report(run_dir: str | Path) -> Path:
     reference = "reference" if dataset else "SFT"
     lines = [f"# apo-dist report: {rd.root.name}", "",
              f"Win-rate of the policy against {'the dataset' if dataset else 'the SFT model'}'s reference "
-             "completions on the held-out eval prompts, judged by the oracle (tie = 0.5), with its standard error.", "",
-             "| round | labels | win-rate | stderr | n | wins | losses | ties |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "completions on the held-out eval prompts, judged by the oracle (tie = 0.5), with its standard error. "
+             "A pair the judge could not judge counts as a win or a loss by a seeded coin (unjudged).", "",
+             "| round | labels | win-rate | stderr | n | wins | losses | ties | unjudged |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in results:
         lines.append(f"| {e['round']} | {e['labels']} | {e['win_rate']:.3f} | {e['stderr']:.3f} | {e['n']} "
-                     f"| {e['wins']} | {e['losses']} | {e['ties']} |")
+                     f"| {e['wins']} | {e['losses']} | {e['ties']} | {e.get('unjudged', 0)} |")
     if not results:
-        lines.append("| - | - | - | - | - | - | - | - |")
+        lines.append("| - | - | - | - | - | - | - | - | - |")
     lines += ["", "![win-rate vs labels](winrate.png)", "", "## Config", "", "```yaml", config.rstrip(), "```", ""]
     atomic_write_text(rd.root / "report.md", "\n".join(lines))
 

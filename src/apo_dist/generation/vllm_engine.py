@@ -99,6 +99,14 @@ def engine_dtype(vllm, dtype: str | None = None) -> str:
     return str(chosen)
 
 
+def eager(vllm) -> bool:
+    """`generation.vllm.enforce_eager`, or when null: eager on CPUs, CUDA graphs on GPUs (they speed up
+    small-batch decoding several-fold; vLLM's CPU build does not use them)."""
+    import torch
+
+    return (not torch.cuda.is_available()) if vllm.enforce_eager is None else bool(vllm.enforce_eager)
+
+
 def probe_tolerance(vllm, dtype: str | None = None) -> float:
     """`generation.vllm.probe_tolerance`, or when null the default of the engine's dtype."""
     tol = vllm.probe_tolerance
@@ -159,7 +167,7 @@ class VLLMBackend:
         for key, value in vllm_env(self.workdir / "vllm_cache", v.kv_cache_gb, cpu_ranges(1)[0]).items():
             os.environ.setdefault(key, value)
         self.llm = LLM(model=model_path, dtype=self.dtype, tensor_parallel_size=v.tensor_parallel_size,
-                       max_model_len=v.max_model_len or None, enforce_eager=v.enforce_eager,
+                       max_model_len=v.max_model_len or None, enforce_eager=eager(v),
                        gpu_memory_utilization=v.gpu_memory_utilization, seed=v.seed,
                        logprobs_mode="raw_logprobs", worker_extension_cls=EXTENSION)
 

@@ -44,7 +44,7 @@ from ..config import ModelConfig, VLLMConfig
 from ..util import free_port, log_tail
 from .base import SamplingParams, completion_row
 from .vllm_worker import EXTENSION, RELOAD_METHOD
-from .vllm_engine import Probe, StaleWeightsError, cpu_ranges, gpu_groups, engine_dtype, probe_tolerance, request_seed, vllm_env, vllm_sampling
+from .vllm_engine import Probe, StaleWeightsError, cpu_ranges, gpu_groups, eager, engine_dtype, probe_tolerance, request_seed, vllm_env, vllm_sampling
 
 log = logging.getLogger("apo_dist.generation.vllm_servers")
 
@@ -73,7 +73,8 @@ def serve_args(vllm, dtype: str | None = None) -> list[str]:
     """The `generation.vllm` section as `python -m apo_dist.generation.vllm_servers serve` flags, with
     the engine dtype resolved (`dtype`: model.dtype, used where generation.vllm.dtype is null)."""
     values = {name: getattr(vllm, name) for name in SERVER_OPTIONS} | {"dtype": engine_dtype(vllm, dtype)}
-    return [a for name, value in values.items() for a in (f"--{name.replace('_', '-')}", str(value))]
+    return [a for name, value in values.items() if value is not None  # None: the serving node decides
+            for a in (f"--{name.replace('_', '-')}", str(value))]
 
 
 def vllm_server_args(vllm, dtype: str | None = None) -> list[str]:
@@ -84,7 +85,7 @@ def vllm_server_args(vllm, dtype: str | None = None) -> list[str]:
             "--gpu-memory-utilization", str(vllm.gpu_memory_utilization), "--seed", str(vllm.seed),
             "--logprobs-mode", "raw_logprobs", "--worker-extension-cls", EXTENSION,
             "--disable-uvicorn-access-log", "--disable-log-stats",
-            *(["--enforce-eager"] if vllm.enforce_eager else [])]
+            *(["--enforce-eager"] if eager(vllm) else [])]
 
 
 def group_members(pgid: int) -> list[int]:
