@@ -3,6 +3,7 @@ policy is the reference, every implicit reward is zero, under the paper configs'
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,15 @@ TOLERANCE = 1e-4  # mean |beta * (log pi - log ref)| at step 1 (beta 1): 0 measu
 
 
 def first_step(tmp_path: Path, overrides: list[str]) -> dict:
+    """Round 0's first training step, run in a forked child: Accelerate keeps its mixed precision
+    for the life of a process, and the other tests train in fp32."""
     cfg = load_config(CONFIG, [*overrides, "loop.rounds=1", "training.beta=1.0", "training.lr=1e-9"])
     rd = RunDir(tmp_path / "run")
-    run(cfg, rd.root, progress=False, echo=lambda _: None)
+    child = mp.get_context("fork").Process(target=run, args=(cfg, rd.root), kwargs={"progress": False,
+                                                                                    "echo": lambda _: None})
+    child.start()
+    child.join(600)
+    assert child.exitcode == 0
     return json.loads(rd.path("train_log", 0).read_text().splitlines()[0])
 
 

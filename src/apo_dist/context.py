@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from accelerate import PartialState
 
+from . import devices
 from .assets import cache_dir, resolve_model_path
 from .distributed import deepspeed_enabled, sharding_report, zero3_inference_model, zero_stage
 from .errors import Preempted
@@ -77,7 +78,8 @@ class RunContext:
 
     def model(self, path: str, dtype: str | None = None):
         """The model at `path` in `dtype` (default model.dtype), loaded once per stage sequence (one
-        model held at a time). Under a multi-process ZeRO-3 launch it is partitioned across ranks."""
+        model held at a time) on this process's device (devices.process_device), which is noted for
+        the stage's metrics. Under a multi-process ZeRO-3 launch it is partitioned across ranks."""
         key = (path, dtype or self.cfg.model.dtype)
         if self._model is None or self._model[0] != key:
             self._model = None
@@ -89,7 +91,7 @@ class RunContext:
             if self.worker:
                 self.log_sharding(path, sharding_report(model))
             self._model = (key, model)
-        return self._model[1]
+        return devices.note(self._model[1])
 
     def release_model(self) -> None:
         """Free the held model (before training, which loads its own)."""

@@ -67,8 +67,11 @@ def shard_by_tokens(lengths: np.ndarray, world: int) -> list[np.ndarray]:
 
 def zero3_inference_model(path: str, dtype: torch.dtype, world: int):
     """Load a frozen model partitioned across ranks with ZeRO-3 (parameters gathered per layer
-    during the forward pass). Every rank must call forward the same number of times."""
+    during the forward pass). Every rank must call forward the same number of times. DeepSpeed
+    places it; it must agree with devices.process_device."""
     import deepspeed
+
+    from .devices import check_placement
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -79,7 +82,7 @@ def zero3_inference_model(path: str, dtype: torch.dtype, world: int):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.module.eval()
-    return engine.module
+    return check_placement(engine.module, f"the ZeRO-3 inference model {path}")
 
 
 def sharding_report(model) -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 
+from . import devices
 from .cluster.local import launch_stage
 from .context import RunContext
 from .counts import round_counts
@@ -41,8 +42,13 @@ class Stage:
 
 
 def run_stage(ctx: RunContext, stage: Stage, round_: Round) -> dict:
-    """Run the body and write its outputs (rank 0 writes when every rank of a launch runs it)."""
+    """Run the body and write its outputs (rank 0 writes when every rank of a launch runs it).
+    The metrics gain "device": where the models the body used sat (devices.note), if it used any."""
+    devices.take_noted()  # forget models noted outside this stage
     outputs, metrics = stage.body(ctx, round_)
+    used = devices.take_noted()
+    if used is not None:
+        metrics = {**(metrics or {}), "device": used}
     if set(outputs) - set(stage.outputs):
         raise ValueError(f"stage {stage.name} returned undeclared outputs {sorted(set(outputs) - set(stage.outputs))}")
     if ctx.is_main:
@@ -95,6 +101,8 @@ class Engine:
             self.ctx.check_stop(f"in round {round_} {stage.name} (checkpointed)")  # a launched stage's ranks stopped
             raise
         fault_point(round_, stage.name, "end")
+        if metrics.get("device"):
+            log.info("round %s %s: model on %s", round_, stage.name, metrics["device"])
         self.rd.write_manifest(scope, stage.name, files, inputs)
         self.rd.log_metrics({"round": round_, "stage": stage.name, "seconds": round(time.time() - t0, 3), **metrics})
         self.rd.update_state(round=round_, stage=stage.name, stage_status="done")

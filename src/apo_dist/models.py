@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from . import devices
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -31,9 +33,10 @@ def training_forward(mixed_precision: str, deepspeed: bool = False) -> tuple[str
     return ("bfloat16", None) if deepspeed else ("float32", torch.bfloat16)
 
 
-def load_model(path: str, dtype: str = "float32", device: str | torch.device = "cpu"):
+def load_model(path: str, dtype: str = "float32", device: str | torch.device | None = None):
+    """The causal LM at `path` in `dtype`, on `device` (default: this process's, devices.process_device)."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
-    return model.to(device)
+    return model.to(devices.process_device() if device is None else device)
 
 
 def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, instruction: str = "",

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .devices import check_placement, note
 from .distributed import init_distributed, sharding_report
 from .models import completion_logprobs, load_model, load_tokenizer
 from .rundir import atomic_write_json
@@ -149,7 +150,8 @@ class TrainingSetup:
 
 def setup_training(init_path: str, tcfg, seed: int, tensorboard_dir: str | None = None) -> TrainingSetup:
     """The Accelerator (DeepSpeed settings from `tcfg` when launched with a DeepSpeed config),
-    the fp32 policy loaded from `init_path`, and its AdamW optimizer, prepared for this world."""
+    the fp32 policy loaded from `init_path`, and its AdamW optimizer, prepared for this world.
+    Accelerate places the policy; it must land on devices.process_device (else RuntimeError)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -162,12 +164,13 @@ def setup_training(init_path: str, tcfg, seed: int, tensorboard_dir: str | None 
         _configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, tcfg, init_path)
     set_seed(seed)
     tokenizer = load_tokenizer(init_path)
-    model = load_model(init_path, "float32")
+    model = load_model(init_path, "float32", device="cpu")  # accelerator.prepare moves it
     if tcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
+    note(check_placement(model, f"the policy Accelerate prepared for training (accelerator.device {accelerator.device})"))
     sharding = sharding_report(model)
     if tensorboard_dir:
         accelerator.init_trackers("dpo")

@@ -3,7 +3,7 @@
 Each side is scored as prompt + completion: the single logit of a one-label reward model, or
 the last label's logit minus the first's for a classifier (e.g. positive minus negative). The
 answer is the higher score (deterministic) or a seeded Bradley-Terry draw, as for the sentiment
-oracle. The model is loaded on the first comparison.
+oracle. The model is loaded on the first comparison, on this process's device (devices.process_device).
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import json
 
 import torch
 
+from .. import devices
 from .base import score_preference
 
 
@@ -31,16 +32,19 @@ class RewardModelOracle:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
-            self._model = AutoModelForSequenceClassification.from_pretrained(self.model_path).eval()
+            model = AutoModelForSequenceClassification.from_pretrained(self.model_path)
+            self._model = model.to(devices.process_device()).eval()
             self._model.config.pad_token_id = self.tokenizer.pad_token_id
-        return self._model
+        return devices.note(self._model)
 
     @torch.no_grad()
     def scores(self, texts: list[str]) -> list[float]:
         model = self._load()
+        device = devices.model_device(model)
         out = []
         for i in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[i: i + self.batch_size], return_tensors="pt", padding=True, truncation=True)
+            batch = self.tokenizer(texts[i: i + self.batch_size], return_tensors="pt", padding=True,
+                                   truncation=True).to(device)
             logits = model(**batch).logits.float()
             out += (logits[:, 0] if logits.shape[1] == 1 else logits[:, -1] - logits[:, 0]).tolist()
         return out
