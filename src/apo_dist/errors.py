@@ -17,3 +17,7 @@ class BudgetExhausted(RuntimeError):
 
 class StageFailed(RuntimeError):
     """A launched stage exited non-zero."""
+
+
+class RunBusy(RuntimeError):
+    """Another coordinator holds the run directory's lock (rundir.RunDir.lock); nothing was written."""

@@ -23,10 +23,17 @@ from .stages import round_stages, run_stages
 
 
 def run(cfg, run_dir: str | Path, progress: bool = True, echo: Callable[[str], None] = print) -> list[dict]:
-    """Run (or resume) the experiment `cfg` in `run_dir`; returns each round's eval result."""
+    """Run (or resume) the experiment `cfg` in `run_dir`; returns each round's eval result.
+    Holds the run directory's lock throughout (RunBusy, before anything is written, when another
+    coordinator has it)."""
     rd = RunDir(run_dir)
+    with rd.lock():
+        return _run_locked(cfg, rd, progress, echo)
+
+
+def _run_locked(cfg, rd: RunDir, progress: bool, echo: Callable[[str], None]) -> list[dict]:
     check_and_write_config(cfg, rd)
-    ctx = RunContext(cfg, run_dir, progress)
+    ctx = RunContext(cfg, rd.root, progress)
     engine = Engine(ctx)
     rd.stop_path.unlink(missing_ok=True)  # a request made to an earlier process of this run
     try:

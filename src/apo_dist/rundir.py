@@ -5,16 +5,22 @@ and the upstream manifests it was computed from are unchanged. Anything else mea
 """
 from __future__ import annotations
 
+import datetime
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
+
+from .errors import RunBusy
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -116,6 +122,51 @@ class RunDir:
     def stop_path(self) -> Path:
         """Present while a stop is requested (SIGUSR1): every process of the run stops at its next safe point."""
         return self.root / "stop_requested"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / ".lock"
+
+    @contextmanager
+    def lock(self):
+        """Hold the run's lock while the block runs: one coordinator (with the ranks it launches,
+        which never take it) writes a run directory at a time. Raises RunBusy at once, naming the
+        holder, when another process holds it.
+
+        An exclusive fcntl.flock on <run>/.lock, which the kernel releases when the holder dies,
+        even by SIGKILL, so a crashed run never leaves a stale lock behind; the file's content (the
+        holder's pid, host and start time) only serves the message. On NFS, flock is emulated with
+        POSIX byte-range locks through the lock manager (Linux >= 2.6.12): it still excludes
+        coordinators on other hosts as long as lockd/NLM (or NFSv4 locking) works on that mount, and
+        a lock whose holder's host crashed is released only when the server notices.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunBusy(f"{self.root} is in use by another coordinator ({self._lock_holder()}); "
+                              f"wait for it to end or stop it, or use another --run-dir") from None
+            since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}).encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)  # still held: nobody reads a finished holder
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _lock_holder(self) -> str:
+        """The holder as "pid P on HOST since T", from the lock file (it may not have written it yet)."""
+        for _ in range(20):
+            try:
+                h = json.loads(self.lock_path.read_text())
+                return f"pid {h['pid']} on {h['host']} since {h['since']}"
+            except (OSError, ValueError, KeyError, TypeError):
+                time.sleep(0.05)
+        return "holder unknown"
 
     def request_stop(self, why: str) -> None:
         """Ask every process of this run to stop at its next safe point (safe in a signal handler)."""

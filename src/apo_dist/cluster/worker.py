@@ -5,16 +5,37 @@
 It reads the run directory's config.yaml and runs the same declared stage the coordinator would
 run in-process (every rank computes, rank 0 writes the stage's outputs), and rank 0 leaves the
 stage's metrics in <round>/logs/STAGE.metrics.json for the coordinator, which then writes the manifest.
+
+A rank never outlives its launcher: it asks the kernel for SIGKILL when the launcher dies, and
+exits at once when the launcher, or (local launches) the coordinator above it, is already gone.
+Ranks never take the run directory's lock: the coordinator that launched them holds it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
+from ..util import die_with_parent, parent_pid_of
+
+
+def stay_with_launcher() -> None:
+    """SIGKILL this rank when its parent (the launcher) dies; exit now if it, or the coordinator
+    that started it (COORDINATOR_ENV), already has: Python started before the prctl could be set."""
+    launcher = os.getppid()
+    die_with_parent(signal.SIGKILL)
+    from .local import COORDINATOR_ENV
+
+    coordinator = os.environ.get(COORDINATOR_ENV)
+    if os.getppid() != launcher or (coordinator and parent_pid_of(launcher) != int(coordinator)):
+        sys.exit(f"apo_dist.cluster.worker: the launcher (pid {launcher}) or its coordinator is gone; exiting")
+
 
 def main(argv: list[str] | None = None) -> int:
+    stay_with_launcher()
     parser = argparse.ArgumentParser(prog="apo_dist.cluster.worker")
     parser.add_argument("stage", choices=["entropy", "scores", "train"])
     parser.add_argument("--run-dir", required=True)

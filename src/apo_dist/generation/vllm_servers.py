@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
-import ctypes
 import logging
 import os
 import signal
@@ -41,7 +40,7 @@ from tqdm import tqdm
 
 from ..calls import backoff_delay
 from ..config import ModelConfig, VLLMConfig
-from ..util import free_port, log_tail
+from ..util import die_with_parent, free_port, log_tail
 from .base import SamplingParams, completion_row
 from .vllm_worker import EXTENSION, RELOAD_METHOD
 from .vllm_engine import Probe, StaleWeightsError, cpu_ranges, gpu_groups, eager, engine_dtype, probe_tolerance, request_seed, vllm_env, vllm_sampling
@@ -53,11 +52,6 @@ SERVED_NAME = "policy"  # the model name local servers answer to, whatever check
 
 class ServerStartError(RuntimeError):
     """A vLLM server did not come up; the message carries the end of its log."""
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the process that started us dies (even by SIGKILL)."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def root_url(url: str) -> str:
@@ -172,7 +166,7 @@ class LocalServers:
             logf.flush()
             self.procs[i] = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, start_new_session=True,
-                                             preexec_fn=_die_with_parent)
+                                             preexec_fn=die_with_parent)
         log.info("vLLM server %d starting on port %d (pid %d, log %s)", i, self.ports[i], self.procs[i].pid,
                  self.log_path(i))
 
