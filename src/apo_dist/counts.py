@@ -16,7 +16,7 @@ ENTROPY_FUNCTIONS = ("entropy", "hybrid")  # acquisition functions that sample N
 
 @dataclass(frozen=True)
 class RoundCounts:
-    pool_prompts: int  # unused training prompts drawn into the round's pool
+    pool_prompts: int  # training prompts drawn into the round's pool (unused ones, unless data.reuse_prompts)
     entropy_samples: int  # completions sampled for the entropy estimate (N per pool prompt; 0 if unused)
     pair_prompts: int  # prompts kept for pair generation; one candidate pair each, every pair scored
     labels: int  # pairs acquired and sent to the oracle (M)
@@ -44,10 +44,18 @@ def round_counts(cfg, r: int) -> RoundCounts:
 
 
 def check_pool_size(cfg, n_train_prompts: int) -> None:
-    """A round cannot draw more prompts than the training pool holds."""
+    """A round cannot draw more prompts than the training pool holds, unless prompts may be reused
+    (data.reuse_prompts: the pool cycles through the training prompts)."""
     need = round_counts(cfg, 0).pool_prompts
-    if need > n_train_prompts:
+    if need > n_train_prompts and not cfg.data.reuse_prompts:
         raise ConfigError(
             f"config key 'acquisition.labels_per_round': {cfg.acquisition.function} acquisition needs {need} "
             f"candidate prompts per round but the training pool has only {n_train_prompts}; lower "
-            f"acquisition.labels_per_round or the over-sampling factors, or use a larger prompt pool")
+            f"acquisition.labels_per_round or the over-sampling factors, use a larger prompt pool, or set "
+            f"data.reuse_prompts=true to cycle through the prompts as the paper's loader did")
+
+
+def prompts_consumed(cfg) -> int:
+    """Distinct training prompts a run without prompt reuse needs: the last round's pool is drawn from
+    the prompts no earlier round acquired (M each), so pool + (rounds - 1) * M."""
+    return round_counts(cfg, 0).pool_prompts + (cfg.loop.rounds - 1) * cfg.acquisition.labels_per_round

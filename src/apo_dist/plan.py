@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 
 from . import counts
 from .assets import ASSET_PREFIX
-from .config import load_config
+from .config import ConfigError, load_config
+from .data import source_rows
 
 # Parameter counts of models the paper setups and the docs use.
 KNOWN_PARAMS = {
@@ -42,17 +43,18 @@ CPU_RATES = {
     "params": 134.5e6,
 }
 
-# The H100 model (SXM, 80 GB). Not measured here: a roofline with stated efficiencies.
+# The H100 model (SXM, 80 GB): a roofline with efficiencies calibrated on one H200 (same dense bf16
+# peak) by benchmarks/gpu_throughput.py at a 1.1B shape (benchmarks/README.md, 2026-11-27).
 H100 = {
     "peak_flops": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},  # dense tensor / fp32
     "hbm_bytes_per_s": 3.35e12,
     "memory_bytes": 80e9,
-    "train_mfu": 0.40,  # fraction of peak reached by DPO training (of 6 N T model FLOPs)
-    "score_mfu": 0.40,  # fraction of peak reached by scoring forwards (2 N T)
+    "train_mfu": 0.22,  # fraction of peak reached by DPO training (of 6 N T model FLOPs); measured 0.22
+    "score_mfu": 0.33,  # fraction of peak reached by scoring forwards (2 N T); measured 0.33
     "decode_bw_eff": 0.60,  # fraction of HBM bandwidth a decode step reaches
     "decode_mfu": 0.40,  # compute cap of a decode step
     "decode_batch": 256,  # sequences decoded together per vLLM replica (memory permitting)
-    "step_overhead_s": {"vllm": 0.002, "vllm_server": 0.002, "hf": 0.020},  # per decode step
+    "step_overhead_s": {"vllm": 0.002, "vllm_server": 0.002, "hf": 0.045},  # per decode step; HF measured 37-70 ms
     "gpus_per_node": 8,
 }
 
@@ -68,10 +70,10 @@ ASSUMPTIONS = [
     "FLOPs: scoring 2*N*tokens, training 6*N*tokens (x4/3 time for gradient checkpointing's recompute), "
     "generation 2*N*tokens (prompt + completion)",
     f"H100 model: {H100['peak_flops']['bfloat16'] / 1e12:.0f} TFLOP/s bf16 peak, "
-    f"{H100['hbm_bytes_per_s'] / 1e12:.2f} TB/s HBM; training and scoring at "
-    f"{H100['train_mfu']:.0%} of peak; decode per replica: {H100['decode_batch']} sequences a step, "
+    f"{H100['hbm_bytes_per_s'] / 1e12:.2f} TB/s HBM; training at {H100['train_mfu']:.0%} and scoring at "
+    f"{H100['score_mfu']:.0%} of peak (measured on an H200 at 1.1B); decode per replica: {H100['decode_batch']} sequences a step, "
     f"step = max(weights + KV reads at {H100['decode_bw_eff']:.0%} of HBM, compute at "
-    f"{H100['decode_mfu']:.0%} of peak) + 2 ms (vLLM) / 20 ms (HF generate); KV cache without GQA, "
+    f"{H100['decode_mfu']:.0%} of peak) + 2 ms (vLLM) / 45 ms (HF generate, measured 37-70 ms); KV cache without GQA, "
     "model shape from N (d_model = (128 N / 12)^(1/3), layers = d_model / 128)",
     "CPU: 2-core throughputs of benchmarks/README.md (SmolLM2-135M) scaled by 135M / N",
     f"judge: {JUDGE['template_tokens']} template tokens + prompt + 2 completions in, "
@@ -345,11 +347,57 @@ def fmt_dollars(x: float | None) -> str:
     return "?" if x is None else f"${x:,.2f}"
 
 
+def prompt_supply(cfg) -> dict:
+    """Whether the pools fit the data, from its size before cleaning (data.source_rows; None when it
+    cannot be known here): the training prompts that leaves at most, the draws of one round, and the
+    distinct prompts a run without data.reuse_prompts consumes (counts.prompts_consumed)."""
+    rows, how = source_rows(cfg)
+    return {"rows": rows, "how": how, "train_at_most": None if rows is None else rows - cfg.data.n_eval,
+            "per_round": counts.round_counts(cfg, 0).pool_prompts, "total": counts.prompts_consumed(cfg),
+            "reuse": bool(cfg.data.reuse_prompts)}
+
+
+def check_prompt_supply(cfg, supply: dict | None = None) -> str:
+    """The dry run's line on the prompt supply; ConfigError (naming the key) when the pools cannot fit."""
+    s = supply or prompt_supply(cfg)
+    d, a, rounds = cfg.data, cfg.acquisition, cfg.loop.rounds
+    source = f"data.source={d.source}"
+    if s["rows"] is None:
+        return (f"prompts: the size of {source} is unknown here ({s['how']}); the prompts stage checks the "
+                f"{s['per_round']} prompts a round draws when it runs")
+    train = s["train_at_most"]
+    where = f"{source} holds at most {s['rows']:,} rows ({s['how']})"
+    if train < 1:
+        raise ConfigError(f"config key 'data.n_eval': {where}, and data.n_eval={d.n_eval} leaves no "
+                          f"training prompts; lower data.n_eval")
+    head = f"prompts: {where}: at most {train:,} training prompts after data.n_eval={d.n_eval}"
+    reuse = "; or set data.reuse_prompts=true to cycle through the prompts, as the paper's loader did"
+    if s["reuse"]:
+        passes = -(-s["per_round"] // train)
+        return (f"{head}; data.reuse_prompts: a round draws {s['per_round']:,} by cycling through them "
+                f"(at least {passes} pass{'es' if passes > 1 else ''}), repeats allowed within and across rounds")
+    if s["per_round"] > train:
+        raise ConfigError(
+            f"config key 'acquisition.labels_per_round': {a.function} acquisition draws {s['per_round']:,} "
+            f"prompts per round (M={a.labels_per_round}, f_p={a.prompt_factor}, f_g={a.pair_factor}) but "
+            f"{where}, which leaves at most {train:,} training prompts after data.n_eval={d.n_eval}; lower "
+            f"acquisition.labels_per_round or the over-sampling factors, use a larger prompt pool{reuse}")
+    if s["total"] > train:
+        raise ConfigError(
+            f"config key 'loop.rounds': without prompt reuse, round r draws its {s['per_round']:,} prompts from "
+            f"those no earlier round acquired, so {rounds} rounds need {s['per_round']:,} + {rounds - 1} x "
+            f"{a.labels_per_round} = {s['total']:,} distinct training prompts, but {where}, which leaves at most "
+            f"{train:,} after data.n_eval={d.n_eval}; use fewer rounds or labels per round{reuse}")
+    return (f"{head}; the run draws {s['per_round']:,} a round and {s['total']:,} distinct over {rounds} "
+            f"rounds: fits unless cleaning drops more than {train - s['total']:,} rows")
+
+
 def describe(cfg, run_dir: str) -> str:
     """What `apo-dist run --dry-run` prints: the resolved run, its plan and the assumptions.
 
     Touches nothing: the run directory is only looked at, vLLM is not imported (`auto` is reported as
-    configured, with whether a vllm package is installed), no oracle is created.
+    configured, with whether a vllm package is installed), no oracle is created, no data is downloaded.
+    Raises ConfigError when the pools cannot fit the data (check_prompt_supply).
     """
     from importlib.util import find_spec
 
@@ -369,7 +417,8 @@ def describe(cfg, run_dir: str) -> str:
             f"run directory: {run_dir} ({where})",
             f"generation backend: {backend}",
             f"oracle: {oracle}; eval judge: {'same' if cfg.eval.oracle is None else cfg.eval.oracle.kind}; "
-            f"eval reference: {OmegaConf.select(cfg, 'eval.reference', default='sft')}"]
+            f"eval reference: {OmegaConf.select(cfg, 'eval.reference', default='sft')}",
+            check_prompt_supply(cfg)]
     return "\n".join(head) + "\n" + format_plan(plan(cfg, run_dir), cfg)
 
 

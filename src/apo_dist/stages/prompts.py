@@ -6,7 +6,7 @@ import pandas as pd
 
 from ..context import RunContext
 from ..counts import check_pool_size, round_counts
-from ..data import load_prompts
+from ..data import cycle_prompts, id_stride, load_prompts
 from ..models import format_prompt
 
 
@@ -28,7 +28,10 @@ def split(ctx: RunContext, name: str) -> pd.DataFrame:
 
 
 def pool(ctx: RunContext, r: int) -> tuple[dict, dict]:
-    """pool: round r's candidate prompts, drawn (seeded) from training prompts no earlier round used."""
+    """pool: round r's candidate prompts, drawn (seeded) from training prompts no earlier round used;
+    with data.reuse_prompts, from all of them, cycling (each draw its own prompt_id: data.cycle_prompts)."""
+    if ctx.cfg.data.reuse_prompts:
+        return reused_pool(ctx, r)
     train = split(ctx, "train")
     used = set()
     for q in range(r):
@@ -42,3 +45,16 @@ def pool(ctx: RunContext, r: int) -> tuple[dict, dict]:
     rng = np.random.default_rng(ctx.seed(r, "pool"))
     drawn = available.iloc[np.sort(rng.choice(len(available), size=need, replace=False))]
     return {"pool": drawn[["prompt_id", "prompt", "prompt_ids"]]}, {"prompts": need, "available": len(available)}
+
+
+def reused_pool(ctx: RunContext, r: int) -> tuple[dict, dict]:
+    """pool with data.reuse_prompts: the round's draws cycle through seeded permutations of every
+    training prompt, whatever earlier rounds drew."""
+    table = ctx.rd.table("prompts")
+    train = table[table["split"] == "train"].reset_index(drop=True)
+    need = round_counts(ctx.cfg, r).pool_prompts
+    rng = np.random.default_rng(ctx.seed(r, "pool"))
+    drawn = cycle_prompts(train, need, rng, id_stride(table["prompt_id"].max()))
+    return {"pool": drawn[["prompt_id", "source_prompt_id", "prompt", "prompt_ids"]]}, {
+        "prompts": need, "available": len(train), "passes": -(-need // len(train)),
+        "distinct": int(drawn["source_prompt_id"].nunique())}
