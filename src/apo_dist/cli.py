@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--dry-run", action="store_true",
                      help="validate the config and print the plan (counts, tokens, FLOPs, GPUs, time, judge cost); "
                           "start nothing")
+    run.add_argument("--stand-in", metavar="DIR", help="with --rehearse: this model folder instead of the tiny "
+                     "random model (on a GPU the configured precision is kept)")
     run.add_argument("--rehearse", action="store_true",
                      help="run every count as configured on stand-ins (a tiny random model, the offline oracle, "
                           "synthetic prompts where the data is out of reach, short completions, 1 epoch), then "
@@ -96,7 +98,7 @@ def cmd_run(args) -> int:
         from .rehearsal import rehearsal_config
 
         print(check_prompt_supply(cfg), flush=True)
-        cfg, notes = rehearsal_config(cfg, run_dir)
+        cfg, notes = rehearsal_config(cfg, run_dir, args.stand_in)
         print("rehearsal: every count as configured; stand-ins:\n" + "\n".join(f"  {n}" for n in notes), flush=True)
     from .cluster.slurm import in_job, requeue
     from .errors import BudgetExhausted, Preempted, ResumeRefused, RunBusy, StageFailed

@@ -166,24 +166,33 @@ def accelerate_usable(path: str) -> tuple[bool, str]:
 
 
 # --- the rehearsal config -----------------------------------------------------------------------
-def rehearsal_config(cfg, run_dir: str | Path):
+def rehearsal_config(cfg, run_dir: str | Path, stand_in: str | None = None):
     """(config, notes): `cfg` with the stand-ins' overrides (built into <run_dir>/rehearsal/), validated
-    and read-only; notes say what was replaced and what was kept."""
+    and read-only; notes say what was replaced and what was kept. `stand_in`: a model folder to use
+    instead of the tiny model (e.g. a random model of the real size, on a GPU); on a GPU the
+    configured precision is kept."""
     root = Path(run_dir) / "rehearsal"
     notes, overrides = [], {}
     reachable, why = data_reachable(cfg)  # first: nothing of the rehearsal exists yet
     g, d, t, launcher = cfg.generation, cfg.data, cfg.training, cfg.launcher
     new_tokens = min(REHEARSAL_NEW_TOKENS, g.max_new_tokens)
     positions = max(512, d.max_prompt_tokens + len(d.instruction.encode()) + new_tokens + 16)
-    policy = build_tiny_model(root / "policy", cfg.seed, positions)
+    gpu = stand_in is not None and torch_cuda()
+    if stand_in:
+        policy = Path(stand_in)
+        notes.append(f"model.policy {cfg.model.policy} -> the given stand-in {policy}")
+    else:
+        policy = build_tiny_model(root / "policy", cfg.seed, positions)
+        notes.append(f"model.policy {cfg.model.policy} -> a random tiny Llama ({TINY['num_hidden_layers']} layer, "
+                     f"hidden {TINY['hidden_size']}, {TINY['num_attention_heads']} head of {TINY['head_dim']}) at {policy}")
     overrides["model.policy"] = str(policy.resolve())
-    notes.append(f"model.policy {cfg.model.policy} -> a random tiny Llama ({TINY['num_hidden_layers']} layer, hidden "
-                 f"{TINY['hidden_size']}, {TINY['num_attention_heads']} head of {TINY['head_dim']}) at {policy}")
-    if cfg.model.reference and cfg.model.reference != cfg.model.policy:
+    if cfg.model.reference and cfg.model.reference != cfg.model.policy and not stand_in:
         reference = build_tiny_model(root / "reference", cfg.seed + 1, positions)
         overrides["model.reference"] = str(reference.resolve())
         notes.append(f"model.reference {cfg.model.reference} -> another random tiny Llama at {reference}")
-    overrides.update({"model.dtype": "float32", "model.use_chat_template": False})
+    overrides["model.use_chat_template"] = False
+    if not gpu:
+        overrides["model.dtype"] = "float32"
 
     if reachable:
         notes.append(f"data.source={d.source}: read as configured ({why})")
@@ -219,8 +228,9 @@ def rehearsal_config(cfg, run_dir: str | Path):
     ranks = launcher.training_processes
     micro = t.batch_size // ranks if t.batch_size % ranks == 0 else t.micro_batch_size
     overrides["loop.num_threads"] = THREADS
-    overrides.update({"training.epochs": 1, "training.mixed_precision": "no",
-                      "training.gradient_checkpointing": False, "training.micro_batch_size": micro})
+    overrides.update({"training.epochs": 1, "training.micro_batch_size": micro})
+    if not gpu:
+        overrides.update({"training.mixed_precision": "no", "training.gradient_checkpointing": False})
     notes.append(f"training {t.epochs} epochs, {t.mixed_precision}, micro-batch {t.micro_batch_size} -> 1 epoch, "
                  f"fp32, micro-batch {micro} (effective batch {t.batch_size} kept)")
     usable, why = accelerate_usable(launcher.accelerate_config)
@@ -232,6 +242,12 @@ def rehearsal_config(cfg, run_dir: str | Path):
                  f"n_eval={d.n_eval}, reuse_prompts={str(d.reuse_prompts).lower()}, ranks: scoring "
                  f"{launcher.scoring_processes}, training {launcher.training_processes}")
     return apply_overrides(cfg, overrides), notes
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def apply_overrides(cfg, overrides: dict):
@@ -322,6 +338,16 @@ def _seconds(s: float | None) -> str:
     return plan_mod.fmt_seconds(s) if s is None or s >= 10 else f"{s:.1f} s"
 
 
+def _planned(p: dict, stage: str, names: list[str] | None, key: str) -> float | None:
+    """The plan's estimate (`key`: cpu_s or h100_s) of an engine stage over all rounds; None if it has none."""
+    if names is None:
+        return None
+    if stage == "eval_reference":
+        return p["eval_reference"][key]
+    values = [s[key] for r in p["rounds"] for s in r["stages"] if s["stage"] in names]
+    return plan_mod._sum(values) if values else None
+
+
 def format_report(p: dict, m: dict, wall_s: float) -> str:
     """The plan beside the measurements: rows per table and round, label store, memory, seconds."""
     fs = _seconds
@@ -337,24 +363,22 @@ def format_report(p: dict, m: dict, wall_s: float) -> str:
               f"peak memory (ru_maxrss): this process {_gib(m['rss_self'])}, "
               + (f"largest child process {_gib(m['rss_children'])}" if m["rss_children"] else "no child processes")
               + " (the plan does not estimate memory)", "",
-              "seconds per stage, all rounds (plan: this CPU's estimate for the stand-in model, from "
-              "benchmarks/README.md throughputs):", "",
-              "| stage | plan CPU est. | measured | measured per round (min-max) |", "|---|---:|---:|---:|"]
+              "seconds per stage, all rounds (plan: the estimates for the stand-in model on this CPU, from "
+              "benchmarks/README.md throughputs, and on one H100):", "",
+              "| stage | plan CPU est. | plan H100 est. | measured | measured / H100 est. | measured per round (min-max) |",
+              "|---|---:|---:|---:|---:|---:|"]
     for stage, names in PLAN_STAGES.items():
         runs = m["seconds"].get(stage)
         if not runs:
             continue
-        if names is None:
-            planned = "-"
-        elif stage == "eval_reference":
-            planned = fs(p["eval_reference"]["cpu_s"])
-        else:
-            values = [s["cpu_s"] for r in p["rounds"] for s in r["stages"] if s["stage"] in names]
-            planned = fs(plan_mod._sum(values)) if values else "-"
+        cpu, gpu = (_planned(p, stage, names, key) for key in ("cpu_s", "h100_s"))
+        measured = sum(runs.values())
+        ratio = f"{measured / gpu:.2f}x" if gpu else "-"
         spread = "-" if len(runs) == 1 else f"{fs(min(runs.values()))} - {fs(max(runs.values()))}"
-        lines.append(f"| {stage} | {planned} | {fs(sum(runs.values()))} | {spread} |")
-    lines.append(f"| total | {fs(p['totals']['cpu_s'])} | {fs(sum(sum(v.values()) for v in m['seconds'].values()))} "
-                 f"| wall {fs(wall_s)} |")
+        lines.append(f"| {stage} | {fs(cpu) if cpu is not None else '-'} | {fs(gpu) if gpu is not None else '-'} "
+                     f"| {fs(measured)} | {ratio} | {spread} |")
+    lines.append(f"| total | {fs(p['totals']['cpu_s'])} | {fs(p['totals']['h100_s'])} "
+                 f"| {fs(sum(sum(v.values()) for v in m['seconds'].values()))} | - | wall {fs(wall_s)} |")
     bad = mismatches(p, m)
     n = len(p["rounds"]) * len(COLUMNS)
     lines += ["", f"counts: all {n} as planned, pool prompt ids unique" if not bad
