@@ -6,7 +6,6 @@ import json
 import multiprocessing as mp
 from pathlib import Path
 
-import pytest
 
 from apo_dist import context
 from apo_dist.config import load_config

@@ -24,7 +24,7 @@ from .context import RunContext
 from .counts import round_counts
 from .errors import BudgetExhausted, StageFailed
 from .faults import fault_point
-from .rundir import RUN, atomic_write_json, atomic_write_text, write_table
+from .rundir import atomic_write_json, atomic_write_text, write_table
 from .training import TrainingStopped
 
 log = logging.getLogger("apo_dist.engine")

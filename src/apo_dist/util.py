@@ -49,3 +49,24 @@ def parent_pid_of(pid: int) -> int | None:
     except OSError:
         return None
     return int(stat.rsplit(")", 1)[1].split()[1])  # after "pid (comm)": state, ppid, ...
+
+
+def stop_group(proc, grace: float) -> None:
+    """SIGTERM the process group led by `proc` (started with start_new_session=True), SIGKILL it after
+    `grace` seconds; once the leader is gone, SIGKILL whatever of its group is left."""
+    import subprocess
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return

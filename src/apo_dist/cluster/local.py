@@ -26,7 +26,7 @@ import torch
 
 from ..errors import StageFailed
 from ..rundir import RunDir
-from ..util import die_with_parent, free_port, log_tail
+from ..util import die_with_parent, free_port, log_tail, stop_group
 from .slurm import srun_stage, use_slurm
 
 COORDINATOR_ENV = "APO_DIST_COORDINATOR_PID"  # set for a local launch: the ranks' grandparent (worker.py)
@@ -104,16 +104,6 @@ def run_launch(cmd: list[str], log, env: dict, death_signal: int) -> int:
 
 
 def stop_launch(proc: subprocess.Popen, grace: float = 10) -> None:
-    """SIGTERM the launch's process group (torch elastic then stops its ranks; srun cancels its
-    step), SIGKILL it after `grace` seconds. Ranks that torch elastic started in sessions of their
-    own die with the launcher (worker.py)."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """Stop the launch's process group (torch elastic then stops its ranks; srun cancels its step).
+    Ranks that torch elastic started in sessions of their own die with the launcher (worker.py)."""
+    stop_group(proc, grace)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ..calls import backoff_delay
 from ..config import ModelConfig, VLLMConfig
-from ..util import die_with_parent, free_port, log_tail
+from ..util import die_with_parent, free_port, log_tail, stop_group
 from .base import SamplingParams, completion_row
 from .vllm_worker import EXTENSION, RELOAD_METHOD
 from .vllm_engine import Probe, StaleWeightsError, cpu_ranges, gpu_groups, eager, engine_dtype, probe_tolerance, request_seed, vllm_env, vllm_sampling
@@ -193,21 +193,7 @@ class LocalServers:
         if proc is None:
             return
         self.procs[i] = None
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
-            # the leader is gone; make sure nothing else of its group is left
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            break
+        stop_group(proc, grace)
         _wait_until_group_gone(proc.pid)
 
     def stop(self) -> None:
