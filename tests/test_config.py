@@ -209,3 +209,15 @@ def test_paper_configs_validate(name, function, f_p, f_g, epochs, labels):
     assert (t.beta, t.lr, t.epochs, t.batch_size, t.init) == (0.2, 1e-6, epochs, 64, "sft")
     assert (cfg.generation.pair_temperature, cfg.eval.temperature) == (0.7, 0.25)
     assert cfg.loop.rounds * a.labels_per_round == labels
+
+
+def test_missing_or_broken_config_file_is_one_clear_line(tmp_path, capsys):
+    from apo_dist.cli import main
+
+    assert main(["run", str(tmp_path / "missing.yaml"), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == f"config error: config file not found: {tmp_path / 'missing.yaml'}"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: {policy: [unclosed\n")
+    assert main(["run", str(broken), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"config error: {broken} is not valid YAML") and "Traceback" not in err

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -318,6 +319,8 @@ class Config:
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Merge the schema, a YAML file and `key=value` overrides, then validate."""
     schema = OmegaConf.structured(Config)
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
     try:
         merged = schema
         if path is not None:
@@ -329,6 +332,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             merged = OmegaConf.merge(merged, _upgrade(OmegaConf.from_dotlist(list(overrides))))
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e)) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     named = any(o.split("=", 1)[0].strip() == "name" for o in overrides or [])
     if path is not None and not named and "name" not in OmegaConf.load(path):
         merged.name = Path(path).stem
