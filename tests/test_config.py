@@ -13,6 +13,7 @@ from apo_dist.config import (AcquisitionFunction, ConfigError, DType, changed_ke
 from apo_dist.counts import check_pool_size
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIG = CONFIGS / "test_tiny.yaml"
 TINY = CONFIGS / "test_tiny.yaml"
 
 
@@ -221,3 +222,35 @@ def test_missing_or_broken_config_file_is_one_clear_line(tmp_path, capsys):
     assert main(["run", str(broken), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"config error: {broken} is not valid YAML") and "Traceback" not in err
+
+
+def test_batch_divisibility_across_ranks_is_refused_before_any_compute(tiny_overrides, tmp_path, capsys):
+    from apo_dist.cli import main
+
+    bad = [*tiny_overrides, "training.batch_size=8", "training.micro_batch_size=8", "launcher.training_processes=2"]
+    with pytest.raises(ConfigError, match=r"training.batch_size.*8 x 2 = 16"):
+        load_config(CONFIG, bad)
+    assert main(["run", str(CONFIG), "--dry-run", "--run-dir", str(tmp_path / "run"), *bad]) == 2
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_export_labels_of_a_file_that_is_no_store_is_one_line(tmp_path, capsys):
+    from apo_dist.cli import main
+
+    junk = tmp_path / "labels.sqlite"
+    junk.write_bytes(b"this is not a database" * 100)
+    assert main(["export-labels", str(junk), str(tmp_path / "out.parquet")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{junk}: not an apo-dist label store") and "Traceback" not in err
+    assert junk.read_bytes() == b"this is not a database" * 100 and not (tmp_path / "out.parquet").exists()
+
+
+def test_malformed_data_row_is_one_line(tiny_overrides, tmp_path, capsys):
+    from apo_dist.cli import main
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"text": "a good film"}\n{"text": "unclosed\n')
+    code = main(["run", str(CONFIG), "--run-dir", str(tmp_path / "run"), "--no-progress", *tiny_overrides,
+                 f"data.path={data}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "data error:" in err and "Traceback" not in err

@@ -101,6 +101,7 @@ def cmd_run(args) -> int:
         cfg, notes = rehearsal_config(cfg, run_dir, args.stand_in)
         print("rehearsal: every count as configured; stand-ins:\n" + "\n".join(f"  {n}" for n in notes), flush=True)
     from .cluster.slurm import in_job, requeue
+    from .data import DataError
     from .errors import BudgetExhausted, Preempted, ResumeRefused, RunBusy, StageFailed
     from .generation.backends import choose_backend
     from .oracles.base import OracleError
@@ -120,7 +121,8 @@ def cmd_run(args) -> int:
                (BudgetExhausted, 6, "stopped: {}; everything so far is saved (raise the budget and run again to continue)"),
                (OracleError, 7, "oracle failed: {}; answers received so far are saved"),
                (Preempted, 8, "preempted: {}; everything so far is saved (run again to continue)"),
-               (RunBusy, 10, "run busy: {}")]
+               (RunBusy, 10, "run busy: {}"),
+               (DataError, 2, "data error: {}")]
     started = time.time()
     try:
         run_coordinator(cfg, run_dir, progress=not args.no_progress)
@@ -286,13 +288,19 @@ def cmd_report(args) -> int:
 
 
 def cmd_export_labels(args) -> int:
+    import sqlite3
+
     from .oracles.store import LabelStore
     from .rundir import write_table
 
     if not Path(args.store).is_file():
         print(f"{args.store}: no label store here", file=sys.stderr)
         return 1
-    store = LabelStore(args.store)
+    try:
+        store = LabelStore(args.store)
+    except (sqlite3.DatabaseError, RuntimeError) as e:  # not SQLite, or a store from another version
+        print(f"{args.store}: not an apo-dist label store ({e})", file=sys.stderr)
+        return 1
     table = store.export()
     store.close()
     write_table(Path(args.out), table)

@@ -431,8 +431,11 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.training.lr > 0, "training.lr", "must be > 0")
     _check(cfg.training.epochs >= 1, "training.epochs", "must be >= 1")
     _check(cfg.training.micro_batch_size >= 1, "training.micro_batch_size", "must be >= 1")
-    _check(cfg.training.batch_size % cfg.training.micro_batch_size == 0, "training.batch_size",
-           f"must be a multiple of training.micro_batch_size ({cfg.training.micro_batch_size})")
+    per_step = cfg.training.micro_batch_size * max(1, cfg.launcher.training_processes)
+    _check(cfg.training.batch_size % per_step == 0, "training.batch_size",
+           f"must be a multiple of training.micro_batch_size x launcher.training_processes "
+           f"({cfg.training.micro_batch_size} x {cfg.launcher.training_processes} = {per_step}): every rank "
+           f"takes micro-batches of the same size")
     _check(cfg.training.max_grad_norm > 0, "training.max_grad_norm", "must be > 0")
     _check(cfg.training.checkpoint_every_steps >= 0, "training.checkpoint_every_steps", "must be >= 0 (0 = off)")
     _check(cfg.eval.temperature >= 0, "eval.temperature", "must be >= 0 (0 = greedy)")
