@@ -23,83 +23,25 @@ from .assets import ASSET_PREFIX, MODELS
 
 
 # --- choices ---------------------------------------------------------------------------------
-# Each choice is a StrEnum the schema validates: a member's name is its value (YAML and overrides
+# Each choice is a StrEnum the schema validates. A member's value is its name (YAML and overrides
 # name members by name), and members are str, so they compare, hash and JSON-encode as their value.
-class DType(enum.StrEnum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+def choice(name: str, members: str) -> type[enum.StrEnum]:
+    return enum.StrEnum(name, members.split(), module=__name__)
 
 
-class DataSource(enum.StrEnum):
-    movie_reviews = "movie_reviews"
-    imdb = "imdb"
-    tldr = "tldr"
-    file = "file"
-
-
-class GenerationBackend(enum.StrEnum):
-    hf = "hf"  # transformers generate
-    vllm = "vllm"  # the offline engine
-    vllm_server = "vllm_server"  # the server pool
-    auto = "auto"  # vllm where it can run, else hf
-
-
-class EntropyEstimator(enum.StrEnum):
-    mc = "mc"  # -mean log p(y_n|x)
-    token = "token"  # mean per-token entropy
-
-
-class AcquisitionFunction(enum.StrEnum):
-    random = "random"
-    entropy = "entropy"
-    certainty = "certainty"
-    uncertainty = "uncertainty"
-    hybrid = "hybrid"
-
-
-class OracleKind(enum.StrEnum):
-    sentiment = "sentiment"
-    llm_judge = "llm_judge"
-    reward_model = "reward_model"
-    custom = "custom"
-
-
-class OracleNoise(enum.StrEnum):
-    none = "none"
-    bradley_terry = "bradley_terry"  # sentiment and reward_model
-
-
-class JudgeTask(enum.StrEnum):
-    sentiment = "sentiment"
-    summary = "summary"
-    helpfulness = "helpfulness"
-
-
-class JudgeAnswer(enum.StrEnum):
-    text = "text"  # a comparison, then an A/B line
-    logprob = "logprob"  # one token, P(A) vs P(B)
-
-
-class TrainingInit(enum.StrEnum):
-    sft = "sft"  # reset to the reference weights each round (the paper)
-    previous = "previous"  # continue from the previous round's policy
-
-
-class MixedPrecision(enum.StrEnum):
-    no = "no"
-    bf16 = "bf16"
-
-
-class EvalReference(enum.StrEnum):
-    sft = "sft"  # the SFT model's completions
-    dataset = "dataset"  # the data's own references
-
-
-class Executor(enum.StrEnum):
-    auto = "auto"  # slurm inside a SLURM job, else local
-    local = "local"
-    slurm = "slurm"  # srun steps in the allocation
+DType = choice("DType", "float32 bfloat16 float16")
+DataSource = choice("DataSource", "movie_reviews imdb tldr file")
+GenerationBackend = choice("GenerationBackend", "hf vllm vllm_server auto")  # auto: vllm where it runs, else hf
+EntropyEstimator = choice("EntropyEstimator", "mc token")  # mc: -mean log p(y_n|x); token: mean token entropy
+AcquisitionFunction = choice("AcquisitionFunction", "random entropy certainty uncertainty hybrid")
+OracleKind = choice("OracleKind", "sentiment llm_judge reward_model custom")
+OracleNoise = choice("OracleNoise", "none bradley_terry")  # bradley_terry: sentiment and reward_model
+JudgeTask = choice("JudgeTask", "sentiment summary helpfulness")
+JudgeAnswer = choice("JudgeAnswer", "text logprob")  # text: comparison then an A/B line; logprob: P(A) vs P(B)
+TrainingInit = choice("TrainingInit", "sft previous")  # sft: reset to the reference each round (the paper)
+MixedPrecision = choice("MixedPrecision", "no bf16")
+EvalReference = choice("EvalReference", "sft dataset")  # sft: the SFT model's completions; dataset: the data's
+Executor = choice("Executor", "auto local slurm")  # auto: slurm inside a SLURM job, else local
 
 
 def resumable(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
