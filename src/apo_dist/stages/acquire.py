@@ -16,16 +16,16 @@ from ..oracles.registry import make_oracle
 log = logging.getLogger("apo_dist.stages")
 
 
-def ranked_pairs(ctx: RunContext, r: int, exclude: set | None = None) -> pd.DataFrame:
+def ranked_pairs(ctx: RunContext, r: int, scores: pd.DataFrame, exclude: set | None = None) -> pd.DataFrame:
     """The round's seeded choice of pairs from its scores, leaving out `exclude`."""
     rng = np.random.default_rng(ctx.seed(r, "acquired"))
-    return acquisition.select_pairs(ctx.rd.table("scores", r), ctx.cfg.acquisition.function,
+    return acquisition.select_pairs(scores, ctx.cfg.acquisition.function,
                                     round_counts(ctx.cfg, r).labels, rng, exclude=exclude)
 
 
 def acquired(ctx: RunContext, r: int) -> tuple[dict, dict]:
     """acquired: the M pairs the acquisition function ranks first."""
-    chosen = ranked_pairs(ctx, r)
+    chosen = ranked_pairs(ctx, r, ctx.rd.table("scores", r))
     m = round_counts(ctx.cfg, r).labels
     if len(chosen) < m:
         raise RuntimeError(f"round {r}: only {len(chosen)} candidate pairs for {m} labels")
@@ -43,6 +43,7 @@ def labels(ctx: RunContext, r: int) -> tuple[dict, dict]:
         fault_point(r, "labels", "mid")
         ctx.check_stop(f"in round {r} labels (answers so far are stored)")
 
+    scores = None  # read once, when the first replacement is needed
     labelled, excluded, asked, reasons = [], set(), 0, Counter()
     while len(pairs):
         answers, new = ctx.store.label(oracle, list(pairs["prompt"]), list(pairs["completion_a"]),
@@ -57,7 +58,8 @@ def labels(ctx: RunContext, r: int) -> tuple[dict, dict]:
         excluded |= set(failed["pair_id"])
         reasons += ctx.store.reasons(oracle.identity, list(failed["prompt"]), list(failed["completion_a"]),
                                      list(failed["completion_b"]))
-        chosen = ranked_pairs(ctx, r, exclude=excluded)
+        scores = ctx.rd.table("scores", r) if scores is None else scores
+        chosen = ranked_pairs(ctx, r, scores, exclude=excluded)
         done = set(pd.concat(labelled)["pair_id"])
         pairs = chosen[~chosen["pair_id"].isin(done)].reset_index(drop=True)
     table = pd.concat(labelled, ignore_index=True)
