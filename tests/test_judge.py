@@ -312,7 +312,7 @@ def test_label_budget_stops_the_run_at_a_stage_boundary(tmp_path, tiny_overrides
 def test_cost_budget_stops_the_run_with_everything_saved(tmp_path, tiny_overrides, capsys):
     run_dir = tmp_path / "run"
     overrides = [*tiny_overrides, "oracle.kind=custom", "oracle.function=tests.test_judge:costly_labeller",
-                 "oracle.max_cost=0.05", "eval.oracle.kind=sentiment"]
+                 "oracle.max_cost=0.08", "eval.oracle.kind=sentiment"]
     assert run_cli(run_dir, overrides) == 6
     state = json.loads((run_dir / "state.json").read_text())
     assert state["status"] == "stopped" and "cost budget reached: $0.0800" in state["reason"]
@@ -321,6 +321,25 @@ def test_cost_budget_stops_the_run_with_everything_saved(tmp_path, tiny_override
     assert main(["status", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "cost budget reached" in out and "this run paid for 8 (80 + 8 tokens, $0.0800)" in out
+
+
+def test_cost_budget_stops_inside_the_labelling_stage(tmp_path, tiny_overrides):
+    """$0.01 an answer, $0.035 to spend, batches of 64: one answer to learn the price, two more fit,
+    the fourth would pass the budget and is not asked. Raising the budget continues from the store."""
+    run_dir = tmp_path / "run"
+    overrides = [*tiny_overrides, "oracle.kind=custom", "oracle.function=tests.test_judge:costly_labeller",
+                 "eval.oracle.kind=sentiment"]
+    assert run_cli(run_dir, [*overrides, "oracle.max_cost=0.035"]) == 6
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["status"] == "stopped" and "cost budget reached: $0.0300 spent" in state["reason"]
+    assert not (run_dir / "round_0000" / "labels.parquet").exists()
+    store = LabelStore(run_dir / "labels.sqlite")
+    assert store.totals()["answers"] == 3 and store.totals()["requests"] == 3
+    assert run_cli(run_dir, [*overrides, "oracle.max_cost=1"]) == 0
+    labeller = CustomOracle("tests.test_judge:costly_labeller").identity
+    assert store.totals(oracle=labeller)["answers"] == 16  # 8 labels a round
+    assert store.request_counts()["n"].max() == 1  # none asked twice
+    store.close()
 
 
 # ---- against the real judge server ----

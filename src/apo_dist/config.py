@@ -169,9 +169,9 @@ class OracleConfig:
     # custom: a user's labeller, "package.module:function"
     function: str = ""
     batch_size: int = resumable(64)  # pairs per oracle call; each call's answers are committed together
-    # run-wide budgets (0 = unlimited), checked at stage boundaries
-    max_labels: int = resumable(0)  # training labels (rows of labels.parquet, all rounds)
-    max_cost: float = resumable(0.0)  # dollars this run paid for oracle answers (labels and eval)
+    # run-wide budgets (0 = unlimited)
+    max_labels: int = resumable(0)  # training labels (rows of labels.parquet): a round that would pass it does not start
+    max_cost: float = resumable(0.0)  # dollars this run paid for oracle answers (labels and eval): checked before each oracle batch
     store: str = ""  # label store path; empty means <run_dir>/labels.sqlite
 
 

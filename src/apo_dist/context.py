@@ -16,7 +16,7 @@ from accelerate import PartialState
 from . import devices
 from .assets import cache_dir, resolve_model_path
 from .distributed import deepspeed_enabled, sharding_report, zero3_inference_model, zero_stage
-from .errors import Preempted
+from .errors import BudgetExhausted, Preempted
 from .generation.backends import make_backend
 from .generation.base import SamplingParams
 from .models import DTYPES, load_model, load_tokenizer, training_forward
@@ -75,6 +75,32 @@ class RunContext:
         if self._store is None:
             self._store = LabelStore(self.cfg.oracle.store or self.rd.labels_db)
         return self._store
+
+    def ask(self, oracle, prompts: list[str], a: list[str], b: list[str], batch_size: int, desc: str,
+            on_batch=None) -> tuple[list[float], int]:
+        """The oracle's answers through the label store, paid by this run, within its cost budget."""
+        return self.store.label(oracle, prompts, a, b, batch_size=batch_size, progress=self.progress, desc=desc,
+                                on_batch=on_batch, run=self.run_id, allow=lambda n: self.affordable(oracle.identity, n))
+
+    def affordable(self, identity: str, n: int) -> int:
+        """How many of the next n calls to oracle `identity` oracle.max_cost still pays for, at the
+        mean cost of this run's answers from it so far (1 before its first); BudgetExhausted when not
+        one. Only the calls of the batch in flight can pass the budget (if they cost more than the mean)."""
+        limit = self.cfg.oracle.max_cost
+        if not limit:
+            return n
+        spent = self.store.totals(run=self.run_id)["cost"]
+        mine = self.store.totals(run=self.run_id, oracle=identity)
+        if not mine["answers"]:  # learn the price first
+            can, price = int(spent < limit), "of unknown price"
+        else:
+            per_answer = mine["cost"] / mine["answers"]
+            can = n if per_answer == 0 else min(n, int((limit - spent) / per_answer))
+            price = f"at about ${per_answer:.4f} each"
+        if can < 1:
+            raise BudgetExhausted(f"cost budget reached: ${spent:.4f} spent on oracle answers, the next "
+                                  f"{price} would pass oracle.max_cost={limit}")
+        return can
 
     def model(self, path: str, dtype: str | None = None):
         """The model at `path` in `dtype` (default model.dtype), loaded once per stage sequence (one

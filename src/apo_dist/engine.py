@@ -110,8 +110,9 @@ class Engine:
     def check_budget(self, round_: Round, stage: str) -> None:
         """Raise BudgetExhausted before a stage that would spend past oracle.max_labels / max_cost.
 
-        Cost is checked before each round and each oracle stage (labels, eval); labels before
-        each round, which must fit whole: a run never holds more than max_labels labels.
+        Cost is checked before each round and each oracle stage (labels, eval), and inside those
+        before every oracle batch (RunContext.affordable); labels before each round, which must
+        fit whole: a run never holds more than max_labels labels.
         """
         o = self.ctx.cfg.oracle
         if o.max_cost and stage in ("pool", "labels", "eval"):

@@ -12,7 +12,8 @@ class Preempted(RuntimeError):
 
 
 class BudgetExhausted(RuntimeError):
-    """A label or cost budget (oracle.max_labels / oracle.max_cost) stopped the run at a stage boundary."""
+    """A label or cost budget (oracle.max_labels / oracle.max_cost) stopped the run: before a round or stage
+    that would pass it, or inside an oracle stage before the call that would (answers so far stored)."""
 
 
 class StageFailed(RuntimeError):

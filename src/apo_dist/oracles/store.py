@@ -72,13 +72,16 @@ class LabelStore:
 
     def label(self, oracle: Oracle, prompts: list[str], a: list[str], b: list[str],
               batch_size: int = 16, progress: bool = True, desc: str = "label",
-              on_batch: Callable[[], None] | None = None, run: str = "") -> tuple[list[float], int]:
+              on_batch: Callable[[], None] | None = None, run: str = "",
+              allow: Callable[[int], int] | None = None) -> tuple[list[float], int]:
         """P(a preferred) for each pair (NaN when unlabelable), asking only for unseen comparisons.
 
         Each oracle batch is committed before the next is asked, so a crash loses at most the
         batch in flight. An answer with status "error" (the oracle gave up after its retries) is
         not stored: the rest of its batch is committed, then OracleUnavailable is raised. `run`
-        names who paid, for budgets. Returns (labels, number of new oracle answers).
+        names who paid, for budgets. `allow(n)`, called before each oracle batch of n calls, says how
+        many of them (at least 1) may be made; it raises to stop (a budget). Returns (labels, number of new
+        oracle answers).
         """
         keys = [comparison_key(oracle.identity, p, x, y) for p, x, y in zip(prompts, a, b)]
         known = self.lookup(keys)
@@ -88,8 +91,12 @@ class LabelStore:
                 todo.append(i)
                 seen.add(k)
         bar = tqdm(total=len(todo), desc=desc, disable=not progress or not todo, unit="pair")
-        for start in range(0, len(todo), batch_size):
+        start = 0
+        while start < len(todo):
             idx = todo[start: start + batch_size]
+            if allow is not None:
+                idx = idx[:allow(len(idx))]
+            start += len(idx)
             now = time.time()
             self._insert("INSERT INTO requests (key, oracle, time) VALUES (?, ?, ?)",
                          [(keys[i], oracle.identity, now) for i in idx])
@@ -160,9 +167,12 @@ class LabelStore:
     def request_counts(self) -> pd.DataFrame:
         return pd.read_sql_query("SELECT key, COUNT(*) AS n FROM requests GROUP BY key", self.db)
 
-    def totals(self, run: str | None = None) -> dict:
-        """Answers, unlabelable answers, tokens and dollars (of one run, or of the whole store)."""
-        where, args = ("WHERE run = ?", (run,)) if run is not None else ("", ())
+    def totals(self, run: str | None = None, oracle: str | None = None) -> dict:
+        """Answers, unlabelable answers, tokens and dollars (of one run and/or oracle identity, or of
+        the whole store)."""
+        where = [(f"{column} = ?", value) for column, value in (("run", run), ("oracle", oracle)) if value is not None]
+        args = tuple(value for _, value in where)
+        where = ("WHERE " + " AND ".join(sql for sql, _ in where)) if where else ""
         answers, unlabelable, tokens_in, tokens_out, cost = self.db.execute(
             "SELECT COUNT(*), COALESCE(SUM(status = 'unlabelable'), 0), COALESCE(SUM(input_tokens), 0), "
             f"COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cost), 0.0) FROM labels {where}", args).fetchone()

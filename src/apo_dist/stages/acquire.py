@@ -46,9 +46,8 @@ def labels(ctx: RunContext, r: int) -> tuple[dict, dict]:
     scores = None  # read once, when the first replacement is needed
     labelled, excluded, asked, reasons = [], set(), 0, Counter()
     while len(pairs):
-        answers, new = ctx.store.label(oracle, list(pairs["prompt"]), list(pairs["completion_a"]),
-                                       list(pairs["completion_b"]), batch_size=cfg.oracle.batch_size,
-                                       progress=ctx.progress, run=ctx.run_id, on_batch=batch_stored)
+        answers, new = ctx.ask(oracle, list(pairs["prompt"]), list(pairs["completion_a"]), list(pairs["completion_b"]),
+                               cfg.oracle.batch_size, "label", on_batch=batch_stored)
         asked += new
         pairs = pairs.assign(label=answers)
         labelled.append(pairs[pairs["label"].notna()])

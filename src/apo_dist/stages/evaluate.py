@@ -41,9 +41,8 @@ def evaluate(ctx: RunContext, r: int) -> tuple[dict, dict]:
     reference = rd.table("eval_reference")
     judge_cfg = cfg.eval.oracle or cfg.oracle
     oracle = make_oracle(judge_cfg, cfg.seed, deterministic=True)
-    outcomes, asked = ctx.store.label(oracle, list(policy["prompt"]), list(policy["completion"]),
-                                      list(reference["completion"]), batch_size=judge_cfg.batch_size,
-                                      progress=ctx.progress, desc="judge", run=ctx.run_id)
+    outcomes, asked = ctx.ask(oracle, list(policy["prompt"]), list(policy["completion"]),
+                              list(reference["completion"]), judge_cfg.batch_size, "judge")
     unjudged = np.isnan(outcomes)
     if unjudged.all():
         raise RuntimeError(f"round {r}: the eval judge could not judge any of {len(outcomes)} eval pairs")
