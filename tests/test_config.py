@@ -254,3 +254,38 @@ def test_malformed_data_row_is_one_line(tiny_overrides, tmp_path, capsys):
                  f"data.path={data}"])
     err = capsys.readouterr().err
     assert code == 2 and "data error:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", ["file", "someone's folder", "broken config.yaml"])
+def test_a_run_directory_that_is_not_one_is_refused_untouched(case, tiny_overrides, tmp_path, capsys):
+    from apo_dist.cli import main
+
+    run_dir = tmp_path / "run"
+    if case == "file":
+        run_dir.write_text("notes\n")
+    else:
+        run_dir.mkdir()
+        (run_dir / ("notes.txt" if case == "someone's folder" else "config.yaml")).write_text("model: [unclosed\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert main(["run", str(CONFIG), "--run-dir", str(run_dir), "--no-progress", *tiny_overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"run directory: {run_dir}") and "Traceback" not in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("case, kind", [("missing.jsonl", "config"), ("a folder.jsonl", "config"),
+                                        ("not text.jsonl", "data"), ("not json.json", "data"),
+                                        ("not parquet.parquet", "data")])
+def test_an_unreadable_data_file_is_one_line(case, kind, tiny_overrides, tmp_path, capsys):
+    from apo_dist.cli import main
+
+    data = tmp_path / case.replace(" ", "_")
+    if case.startswith("a folder"):
+        data.mkdir()
+    elif not case.startswith("missing"):
+        data.write_bytes(bytes(range(256)) * 4)
+    code = main(["run", str(CONFIG), "--run-dir", str(tmp_path / "run"), "--no-progress", *tiny_overrides,
+                 f"data.path={data}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"{kind} error:") and str(data) in err
+    assert "Traceback" not in err

@@ -102,7 +102,7 @@ def cmd_run(args) -> int:
         print("rehearsal: every count as configured; stand-ins:\n" + "\n".join(f"  {n}" for n in notes), flush=True)
     from .cluster.slurm import in_job, requeue
     from .data import DataError
-    from .errors import BudgetExhausted, Preempted, ResumeRefused, RunBusy, StageFailed
+    from .errors import BudgetExhausted, NotARunDir, Preempted, ResumeRefused, RunBusy, StageFailed
     from .generation.backends import choose_backend
     from .oracles.base import OracleError
     from .rundir import RunDir
@@ -122,7 +122,8 @@ def cmd_run(args) -> int:
                (OracleError, 7, "oracle failed: {}; answers received so far are saved"),
                (Preempted, 8, "preempted: {}; everything so far is saved (run again to continue)"),
                (RunBusy, 10, "run busy: {}"),
-               (DataError, 2, "data error: {}")]
+               (DataError, 2, "data error: {}"),
+               (NotARunDir, 2, "run directory: {}")]
     started = time.time()
     try:
         run_coordinator(cfg, run_dir, progress=not args.no_progress)

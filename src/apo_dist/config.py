@@ -342,7 +342,7 @@ def validate(cfg: DictConfig) -> None:
         _check_model_path(key, OmegaConf.select(cfg, key))
     if cfg.data.source == "file":
         _check(bool(cfg.data.path), "data.path", "required when data.source=file")
-        _check(Path(cfg.data.path).expanduser().exists(), "data.path", f"file not found: {cfg.data.path}")
+        _check(Path(cfg.data.path).expanduser().is_file(), "data.path", f"file not found: {cfg.data.path}")
     _check(1 <= cfg.data.prompt_min_tokens <= cfg.data.prompt_max_tokens, "data.prompt_min_tokens",
            "must be >= 1 and <= data.prompt_max_tokens")
     _check(cfg.data.max_prompt_tokens >= cfg.data.prompt_max_tokens, "data.max_prompt_tokens",

@@ -106,6 +106,16 @@ def _hub_texts(source: str, field: str) -> list[str]:
 
 def _read_file(path: Path, field: str, key: str = "data.text_field") -> list:
     """The `field` value (set by config `key`) of every row of a .jsonl, .json (list of objects) or .parquet file."""
+    try:
+        return _read_rows(path, field, key)
+    except DataError:
+        raise
+    except (OSError, ValueError) as e:  # unreadable, not JSON, not parquet
+        raise DataError(f"{path}: cannot be read as {path.suffix or 'a prompt file'} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _read_rows(path: Path, field: str, key: str) -> list:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _read_jsonl(path, field, key)

@@ -22,3 +22,7 @@ class StageFailed(RuntimeError):
 
 class RunBusy(RuntimeError):
     """Another coordinator holds the run directory's lock (rundir.RunDir.lock); nothing was written."""
+
+
+class NotARunDir(RuntimeError):
+    """--run-dir names something that is not an apo-dist run directory (nothing was written there)."""

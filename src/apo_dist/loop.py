@@ -15,7 +15,7 @@ from typing import Callable
 from . import config as config_mod
 from .context import RunContext
 from .engine import Engine
-from .errors import BudgetExhausted, Preempted, ResumeRefused
+from .errors import BudgetExhausted, NotARunDir, Preempted, ResumeRefused
 from .oracles.registry import make_oracle
 from .report import write_report
 from .rundir import RUN, RunDir, atomic_write_text
@@ -27,6 +27,8 @@ def run(cfg, run_dir: str | Path, progress: bool = True, echo: Callable[[str], N
     Holds the run directory's lock throughout (RunBusy, before anything is written, when another
     coordinator has it)."""
     rd = RunDir(run_dir)
+    rd.check_is_run()
+    read_run_config(rd)  # a broken one is refused before the lock file is made
     with rd.lock():
         return _run_locked(cfg, rd, progress, echo)
 
@@ -60,11 +62,23 @@ def _run_locked(cfg, rd: RunDir, progress: bool, echo: Callable[[str], None]) ->
         ctx.close()
 
 
+def read_run_config(rd: RunDir):
+    """The config the run began with (None for a new run); NotARunDir when it cannot be read."""
+    if not rd.config_path.exists():
+        return None
+    try:
+        return config_mod.from_yaml_text(rd.config_path.read_text())
+    except Exception as e:  # not YAML, not text, or not a config of this apo-dist
+        raise NotARunDir(f"{rd.config_path} is not a readable apo-dist config "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         "restore it, or use a new --run-dir") from None
+
+
 def check_and_write_config(cfg, rd: RunDir) -> None:
     """Write config.yaml for a new run; refuse a resumed run whose config changes results."""
     rd.root.mkdir(parents=True, exist_ok=True)
-    if rd.config_path.exists():
-        old = config_mod.from_yaml_text(rd.config_path.read_text())
+    old = read_run_config(rd)
+    if old is not None:
         diffs = config_mod.changed_keys(old, cfg)
         if diffs:
             lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in diffs)

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from .errors import RunBusy
+from .errors import NotARunDir, RunBusy
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -96,6 +96,11 @@ ROUND_FILES = {
 }
 
 
+# What apo-dist may write into a run directory before its config.yaml: the lock, `submit`'s job
+# scripts and logs (a heterogeneous job's server logs too), a rehearsal's stand-ins.
+WRITTEN_BEFORE_CONFIG = {".lock", "slurm", "rehearsal"}
+
+
 class RunDir:
     """Paths and bookkeeping of one run directory."""
 
@@ -126,6 +131,17 @@ class RunDir:
     @property
     def lock_path(self) -> Path:
         return self.root / ".lock"
+
+    def check_is_run(self) -> None:
+        """Raise NotARunDir unless the root is absent, empty, or a run directory (it has config.yaml,
+        or only what apo-dist writes there before it): a run never writes into someone's folder."""
+        if self.root.exists() and not self.root.is_dir():
+            raise NotARunDir(f"{self.root} is a file, not a run directory")
+        if self.root.is_dir() and not self.config_path.exists():
+            other = sorted(p.name for p in self.root.iterdir() if p.name not in WRITTEN_BEFORE_CONFIG)
+            if other:
+                raise NotARunDir(f"{self.root} is not an apo-dist run directory (no config.yaml; it holds "
+                                 f"{', '.join(other[:3])}{' ...' if len(other) > 3 else ''}); use a new or empty --run-dir")
 
     @contextmanager
     def lock(self):
