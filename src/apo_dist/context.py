@@ -78,9 +78,17 @@ class RunContext:
 
     def ask(self, oracle, prompts: list[str], a: list[str], b: list[str], batch_size: int, desc: str,
             on_batch=None) -> tuple[list[float], int]:
-        """The oracle's answers through the label store, paid by this run, within its cost budget."""
-        return self.store.label(oracle, prompts, a, b, batch_size=batch_size, progress=self.progress, desc=desc,
-                                on_batch=on_batch, run=self.run_id, allow=lambda n: self.affordable(oracle.identity, n))
+        """The oracle's answers through the label store, paid by this run, within its cost budget.
+        A pair of identical completions is a tie (0.5) without a call: no oracle can prefer one."""
+        differ = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+        answers, new = self.store.label(oracle, [prompts[i] for i in differ], [a[i] for i in differ],
+                                        [b[i] for i in differ], batch_size=batch_size, progress=self.progress,
+                                        desc=desc, on_batch=on_batch, run=self.run_id,
+                                        allow=lambda n: self.affordable(oracle.identity, n))
+        labels = [0.5] * len(a)
+        for i, answer in zip(differ, answers):
+            labels[i] = answer
+        return labels, new
 
     def affordable(self, identity: str, n: int) -> int:
         """How many of the next n calls to oracle `identity` oracle.max_cost still pays for, at the
