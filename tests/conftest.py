@@ -92,3 +92,50 @@ def vllm_server(tmp_path_factory, tiny_model_dir):
         yield servers
     finally:
         servers.stop()
+
+
+# ---- PostgreSQL label stores ----
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """ONE PostgreSQL server for the session (launch/postgres.sh up, which installs postgresql if
+    missing), stopped at the end; yields its URL. Its folder is not under pytest's temp folder, which
+    the `postgres` user (the server's, when we are root) cannot enter."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from apo_dist.util import free_port
+
+    script = Path(__file__).resolve().parent.parent / "launch" / "postgres.sh"
+    folder = tempfile.mkdtemp(prefix="apo-pg-")
+    try:
+        up = subprocess.run(["bash", str(script), "up", folder, str(free_port())], capture_output=True, text=True,
+                            timeout=600)
+        if up.returncode:
+            pytest.fail(f"launch/postgres.sh up failed:\n{up.stderr}")
+        yield up.stdout.split()[-1]
+    finally:
+        subprocess.run(["bash", str(script), "down", folder], capture_output=True, timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """The server's URL with a new, empty schema first on the search path: no test sees another's rows."""
+    import uuid
+
+    import psycopg
+
+    schema = f"test_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(postgres_server, autocommit=True) as db:
+        db.execute(f"CREATE SCHEMA {schema}")
+    return f"{postgres_server}?options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_location(request, tmp_path) -> str:
+    """Where a label store test keeps its store: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "labels.sqlite")
+    return request.getfixturevalue("postgres_url")

@@ -24,7 +24,7 @@ from apo_dist.oracles.judge import JudgeError, LLMJudge, parse_verdict, read_log
 from apo_dist.oracles.base import OracleError, OracleUnavailable
 from apo_dist.oracles.custom import CustomOracle
 from apo_dist.oracles.registry import make_oracle
-from apo_dist.oracles.store import LabelStore
+from apo_dist.oracles.store import StoreError, is_postgres, open_store
 
 from .judge_server import JUDGE_KEY, JUDGE_MODEL, FaultProxy, judge_server, pair_key  # noqa: F401 (fixture)
 from .test_loop import run_cli
@@ -196,9 +196,9 @@ def costly_labeller(prompts, a, b):
             for x, y in zip(a, b)]
 
 
-def test_custom_oracle_through_the_store_and_unlabelable_never_reasked(tmp_path):
+def test_custom_oracle_through_the_store_and_unlabelable_never_reasked(store_location, tmp_path):
     oracle = CustomOracle("tests.test_judge:length_labeller")
-    store = LabelStore(tmp_path / "labels.sqlite")
+    store = open_store(store_location)
     labels, new = store.label(oracle, ["p", "p", "p"], ["long one", "x", "same"], ["short", "longer", "SAME"],
                               progress=False)
     assert new == 3 and labels[:2] == [1.0, 0.0] and math.isnan(labels[2])
@@ -209,17 +209,25 @@ def test_custom_oracle_through_the_store_and_unlabelable_never_reasked(tmp_path)
         CustomOracle("tests.test_judge:no_such_function")
     assert store.reasons(oracle.identity, ["p"], ["same"], ["SAME"]) == {"the labeller returned None": 1}
     store.close()
-    assert main(["export-labels", str(tmp_path / "labels.sqlite"), str(tmp_path / "labels.parquet")]) == 0
+    assert main(["export-labels", store_location, str(tmp_path / "labels.parquet")]) == 0
     exported = pd.read_parquet(tmp_path / "labels.parquet")
     assert len(exported) == 3 and sorted(exported["status"]) == ["ok", "ok", "unlabelable"]
 
 
-def test_a_store_from_an_older_version_is_refused(tmp_path):
-    with sqlite3.connect(tmp_path / "old.sqlite") as db:
-        db.execute("CREATE TABLE labels (key TEXT PRIMARY KEY, oracle TEXT, prompt TEXT, first TEXT, second TEXT, "
-                   "label REAL, raw TEXT, created REAL)")
-    with pytest.raises(RuntimeError, match="older apo-dist .no status column.; point oracle.store at a new file"):
-        LabelStore(tmp_path / "old.sqlite")
+def test_a_store_from_an_older_version_is_refused(store_location):
+    old = ("CREATE TABLE labels (key TEXT PRIMARY KEY, oracle TEXT, prompt TEXT, first TEXT, second TEXT, "
+           "label REAL, raw TEXT, created REAL)")
+    if is_postgres(store_location):
+        import psycopg
+
+        with psycopg.connect(store_location, autocommit=True) as db:
+            db.execute(old)
+    else:
+        with sqlite3.connect(store_location) as db:
+            db.execute(old)
+        db.close()
+    with pytest.raises(StoreError, match="older apo-dist .no status column.; point oracle.store at a new file"):
+        open_store(store_location)
 
 
 OUTAGE = {"on": True}
@@ -231,8 +239,8 @@ def half_down_labeller(prompts, a, b):
             for i in range(len(prompts))]
 
 
-def test_unanswered_pairs_stop_the_stage_and_are_asked_again_later(tmp_path, monkeypatch):
-    store, oracle = LabelStore(tmp_path / "labels.sqlite"), CustomOracle("tests.test_judge:half_down_labeller")
+def test_unanswered_pairs_stop_the_stage_and_are_asked_again_later(store_location, monkeypatch):
+    store, oracle = open_store(store_location), CustomOracle("tests.test_judge:half_down_labeller")
     with pytest.raises(OracleUnavailable, match="2 of 4 comparisons got no answer .2 stored.; first error: HTTP 503"):
         store.label(oracle, *pairs(4), progress=False)
     assert store.totals()["answers"] == 2  # the answers received are kept
@@ -333,7 +341,7 @@ def test_cost_budget_stops_inside_the_labelling_stage(tmp_path, tiny_overrides):
     state = json.loads((run_dir / "state.json").read_text())
     assert state["status"] == "stopped" and "cost budget reached: $0.0300 spent" in state["reason"]
     assert not (run_dir / "round_0000" / "labels.parquet").exists()
-    store = LabelStore(run_dir / "labels.sqlite")
+    store = open_store(run_dir / "labels.sqlite")
     assert store.totals()["answers"] == 3 and store.totals()["requests"] == 3
     assert run_cli(run_dir, [*overrides, "oracle.max_cost=1"]) == 0
     labeller = CustomOracle("tests.test_judge:costly_labeller").identity
@@ -356,7 +364,7 @@ def test_labelling_64_pairs_through_faults(judge_server, tmp_path):
         oracle = make_oracle(judge_cfg(proxy.url, "oracle.max_tokens=4", "oracle.max_reasks=1", "oracle.max_concurrency=16",
                                        f"oracle.prices.{JUDGE_MODEL}.input=1",
                                        f"oracle.prices.{JUDGE_MODEL}.output=2"), seed=0)
-        store = LabelStore(tmp_path / "labels.sqlite")
+        store = open_store(tmp_path / "labels.sqlite")
         prompts, a, b = pairs(64)
         labels, new = store.label(oracle, prompts, a, b, batch_size=32, progress=False, run="r")
     assert new == 64 and sum(proxy.injected.values()) >= 0.3 * proxy.requests
@@ -392,7 +400,7 @@ def _label_in_child(db: str, base_url: str) -> None:
         return answers
 
     oracle.compare = compare_then_die
-    LabelStore(db).label(oracle, *pairs(64, seed=7), batch_size=4, progress=False)
+    open_store(db).label(oracle, *pairs(64, seed=7), batch_size=4, progress=False)
     os._exit(0)
 
 
@@ -415,7 +423,7 @@ def test_killed_labelling_never_resends_a_stored_comparison(judge_server, tmp_pa
         assert all(counts_before.get(k, 0) >= 1 for k in lost_keys)  # asked, answered, not stored
         assert not any(k in counts_before for k in never_asked)
         oracle = make_oracle(judge_cfg(proxy.url, "oracle.answer=logprob"), seed=0)
-        labels, new = LabelStore(db).label(oracle, prompts, a, b, progress=False)
+        labels, new = open_store(db).label(oracle, prompts, a, b, progress=False)
     assert new == 48 and sorted(stored(db)) == sorted(keys)
     assert all(proxy.counts[k] == counts_before[k] for k in stored_keys)  # nothing stored was asked again
     assert all(proxy.counts[k] > counts_before[k] for k in lost_keys)  # the lost batch was
@@ -447,7 +455,8 @@ def test_whole_run_with_the_judge_through_faults_keeps_the_key_secret(judge_serv
     assert evals["n"] == 24 and 0 <= evals["unjudged"] <= 24  # unjudged pairs count, by a seeded coin
     assert main(["status", str(run_dir)]) == 0
     out = "".join(capfd.readouterr())
-    answers = labels["labels"] + labels["unlabelable"] + 24
+    answers = labels["labels"] + labels["unlabelable"] + 24 - evals["identical"]  # identical pairs: ties, not asked
+    assert evals["oracle_requests"] == 24 - evals["identical"]
     assert f"label store: {answers} answers, {answers} oracle requests" in out and "this run paid for" in out
     assert sum(proxy.injected.values()) > 0
     # The key is nowhere: run directory (tables, store, logs, config), console output.

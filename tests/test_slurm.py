@@ -17,6 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 from apo_dist.cli import main
+from apo_dist.oracles.store import open_store
 
 from .test_loop import CONFIG, all_labels, eval_results, request_counts, run_cli
 
@@ -182,10 +183,11 @@ def test_heterogeneous_job_runs_vllm_and_training_on_different_nodes(slurm, tmp_
     assert len(eval_results(run_dir)) == 1
 
 
-def test_array_sweep_and_aggregation(slurm, tmp_path, capsys, tiny_overrides):
+def test_array_sweep_and_aggregation(slurm, tmp_path, capsys, tiny_overrides, postgres_url):
+    """Arms run at once on both nodes, sharing a PostgreSQL label store (a SQLite one is refused)."""
     root = tmp_path / "sweep"
     assert main(["sweep", CONFIG, *tiny_overrides, "loop.rounds=1", "slurm.array_parallel=2", "--acquisition",
-                 "certainty", "--seeds", "0,1", "--root", str(root), "--slurm"]) == 0
+                 "certainty", "--seeds", "0,1", "--root", str(root), f"oracle.store={postgres_url}", "--slurm"]) == 0
     array, aggregate = re.search(r"array job (\d+) \(4 tasks.*aggregation job (\d+)", capsys.readouterr().out).groups()
     assert wait_for(aggregate)["JobState"] == "COMPLETED", job_log(root)
     for task in range(4):
@@ -198,6 +200,8 @@ def test_array_sweep_and_aggregation(slurm, tmp_path, capsys, tiny_overrides):
     out = capsys.readouterr().out
     assert f"SLURM array job {array}:" in out and f"SLURM aggregate job {aggregate}: {aggregate} COMPLETED" in out
     assert out.count(": done, last stage round 0 eval (done)") == 4
+    requests = open_store(postgres_url).request_counts()
+    assert len(requests) >= 8 and (requests["n"] == 1).all() and not list(root.glob("**/labels.sqlite"))
 
 
 def test_multi_node_job_trains_with_one_rank_per_node(slurm, tmp_path, capsys, tiny_overrides):

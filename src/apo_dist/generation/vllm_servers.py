@@ -10,10 +10,13 @@ and keeps them up until it is signalled.
 `ServerPool` is the `vllm_server` generation backend: each prompt is one /v1/completions request
 (its token ids as the prompt, `n` samples, a seed derived from the stage seed and the prompt index),
 sent to the live server with the fewest requests in flight, with bounded concurrency. A failed
-request is retried with exponential backoff; a server that stops answering /health is dropped
-and its requests go to the others. When the policy path changes, every server reloads the new
-weights in place (POST /collective_rpc reload_weights; a local server is restarted when that
-fails) and must pass the weight probe before it generates.
+request is retried with exponential backoff; a server that stops answering /health leaves the pool
+and its requests go to the others. A local server that died is restarted in the background (after
+a backoff, on the policy the pool serves by then, at most `max_restarts` times; `restarts` counts
+them) and rejoins once it passes the probe; a given server, or a local one out of restarts, stays
+out. When the policy path changes, every server reloads the new weights in place (POST
+/collective_rpc reload_weights; a local server is restarted when that fails) and must pass the
+weight probe before it generates.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import asyncio
 import atexit
 import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -126,6 +130,8 @@ class LocalServers:
         self.cpus = cpu_ranges(num)
         self.gpus = gpu_groups(num, vllm.tensor_parallel_size, torch.cuda.device_count())
         self._hooked = False
+        self._lock = threading.Lock()  # a spawn from another thread vs stop()
+        self._stopped = False
 
     @property
     def urls(self) -> list[str]:
@@ -161,7 +167,9 @@ class LocalServers:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
                "--served-model-name", SERVED_NAME, "--host", self.host, "--port", str(self.ports[i]),
                *self.server_args]
-        with open(self.log_path(i), "ab") as logf:
+        with open(self.log_path(i), "ab") as logf, self._lock:
+            if self._stopped:
+                raise ServerStartError(f"vLLM server {i} not started: the servers are stopped")
             logf.write(f"\n$ {' '.join(cmd)}\n".encode())
             logf.flush()
             self.procs[i] = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
@@ -197,6 +205,9 @@ class LocalServers:
         _wait_until_group_gone(proc.pid)
 
     def stop(self) -> None:
+        """Stop every server, for good: no server starts after this."""
+        with self._lock:
+            self._stopped = True
         for i in range(self.num):
             self._kill(i)
 
@@ -227,6 +238,8 @@ class Server:
     alive: bool = True
     model_path: str | None = None
     inflight: int = field(default=0)
+    restarts: int = 0  # times this local server was restarted after it died
+    restarting: bool = False  # down, and being restarted in the background
 
 
 class NoServerLeft(RuntimeError):
@@ -238,8 +251,8 @@ class ServerPool:
 
     def __init__(self, urls: list[str], tokenizer, probe: Probe, model: str = "", concurrency: int = 64,
                  max_retries: int = 5, request_timeout: float = 600, local: LocalServers | None = None,
-                 progress: bool = True):
-        self.servers = [Server(u, i if local else None) for i, u in enumerate(urls)]
+                 progress: bool = True, max_restarts: int = 3):
+        self.servers = [Server(u) for u in urls]  # the local servers join when they are started
         self.tokenizer = tokenizer
         self.probe = probe
         self.model = model or (SERVED_NAME if local else "")
@@ -248,6 +261,12 @@ class ServerPool:
         self.request_timeout = request_timeout
         self.local = local
         self.progress = progress
+        self.max_restarts = max_restarts  # per local server
+        self.restarts = 0  # local servers restarted after they died, all told
+        self.model_path: str | None = None  # what the pool serves: a restarted server comes up on it
+        self._lock = threading.Lock()  # model_path and rejoining servers, between this and the restart thread
+        self._dead: queue.Queue | None = None  # local servers for the restart thread; None: not started yet
+        self._closed = threading.Event()
 
     @classmethod
     def from_config(cls, gen, dtype: str | None, load: Callable[[str], object], tokenizer, workdir: Path,
@@ -259,22 +278,28 @@ class ServerPool:
         if s.num_local:
             local = LocalServers(s.num_local, workdir, gen.vllm, dtype, startup_timeout=s.startup_timeout)
         return cls(list(s.urls), tokenizer, Probe(tokenizer, load, probe_tolerance(gen.vllm, dtype)), s.model,
-                   s.concurrency, s.max_retries, s.request_timeout, local, progress)
+                   s.concurrency, s.max_retries, s.request_timeout, local, progress, s.max_restarts)
 
     # --- weights ---------------------------------------------------------------------------
     def ensure_weights(self, model_path: str) -> None:
-        """Every live server serves `model_path` and passes the probe; dead ones are left out."""
-        if self.local is not None and all(p is None for p in self.local.procs):
+        """Every live server serves `model_path` and passes the probe; dead ones are left out (local ones
+        restart on `model_path`), a given server that answers again rejoins."""
+        with self._lock:  # from now on a restarted server rejoins only on `model_path`
+            self.model_path = model_path
+        if self.local is not None and all(s.local_index is None for s in self.servers):
             urls = self.local.start(model_path)
-            self.servers = [Server(u, i, model_path=model_path) for i, u in enumerate(urls)] + \
-                [s for s in self.servers if s.local_index is None]
-            for s in self.servers[: len(urls)]:
+            started = [Server(u, i, model_path=model_path) for i, u in enumerate(urls)]
+            for s in started:
                 self.check(s, model_path)
+            self.servers = started + self.servers
         for s in self.servers:
-            s.alive = self.healthy(s)
+            if s.alive and not self.healthy(s):
+                self._lost(s, "no answer to /health")
+            elif not s.alive and s.local_index is None and self.healthy(s):
+                s.alive, s.model_path = True, None  # weights unknown: reload and probe
         live = [s for s in self.servers if s.alive]
-        if not live:
-            raise NoServerLeft(f"no vLLM server answers /health: {', '.join(s.url for s in self.servers)}")
+        if not live and not any(s.restarting for s in self.servers):
+            raise self._no_server_left()
         if not self.model:
             self.model = httpx.get(f"{live[0].url}/models", timeout=30).json()["data"][0]["id"]
         for s in live:
@@ -322,6 +347,88 @@ class ServerPool:
         except httpx.HTTPError:
             return False
 
+    # --- servers that die ------------------------------------------------------------------
+    def _lost(self, s: Server, why: object) -> None:
+        """Take `s` out of the pool (once); a local server with restarts left restarts in the background."""
+        if not s.alive:
+            return
+        s.alive = False
+        if s.local_index is None:
+            log.warning("vLLM server %s is down (%s); its requests go to the other servers", s.url, why)
+        elif s.restarts < self.max_restarts:
+            log.warning("vLLM server %s is down (%s); its requests go to the other servers while it restarts",
+                        s.url, why)
+            s.restarting = True
+            self._count_restart(s)
+            if self._dead is None:
+                self._dead = queue.Queue()
+                threading.Thread(target=self._restarter, name="vllm-server-restarts", daemon=True).start()
+            self._dead.put(s)
+        else:
+            self._drop(s, f"is down ({why})")
+
+    def _drop(self, s: Server, why: str) -> None:
+        """Leave local server `s` out for good, saying so."""
+        log.error("vLLM server %s %s; dropped for the rest of the run after %d of %d restarts "
+                  "(generation.servers.max_restarts); log: %s", s.url, why, s.restarts, self.max_restarts,
+                  self.local.log_path(s.local_index))
+        s.restarting = False
+
+    def _count_restart(self, s: Server) -> None:
+        """One more restart of `s` (in its count and the pool's)."""
+        with self._lock:
+            s.restarts += 1
+            self.restarts += 1
+
+    def _restarter(self) -> None:
+        """The thread that restarts dead local servers, one at a time, for the pool's lifetime: a server
+        gets SIGTERM when the thread that started it ends (util.die_with_parent)."""
+        while (s := self._dead.get()) is not None:
+            self._restart(s)
+
+    def _restart(self, s: Server) -> None:
+        """Restart local server `s` after a backoff on the pool's policy and let it rejoin once it passes
+        the probe; a failed restart is tried again while `s` has restarts left."""
+        while not self._closed.wait(backoff_delay(s.restarts - 1)):
+            try:
+                model_path = self.model_path
+                log.info("restarting vLLM server %d on %s (restart %d of %d)", s.local_index, model_path,
+                         s.restarts, self.max_restarts)
+                self.local.restart(s.local_index, model_path)
+                s.url = self.local.urls[s.local_index]
+                self.check(s, model_path)
+                s.model_path = model_path
+                while not self._rejoin(s):  # the pool moved to a new policy meanwhile
+                    self.swap(s, self.model_path)
+                return
+            except Exception as e:  # noqa: BLE001 - this thread must go on to the next server
+                if self._closed.is_set():
+                    return
+                if s.restarts >= self.max_restarts:
+                    self._drop(s, f"did not restart ({e})")
+                    return
+                log.warning("vLLM server %d did not restart (%s); trying again", s.local_index, e)
+                self._count_restart(s)
+
+    def _rejoin(self, s: Server) -> bool:
+        """Put restarted server `s` back in the pool if it serves the pool's policy."""
+        with self._lock:
+            if s.model_path != self.model_path:
+                return False
+            s.alive, s.restarting = True, False
+        log.info("vLLM server %s is back (restart %d of %d)", s.url, s.restarts, self.max_restarts)
+        return True
+
+    def _no_server_left(self) -> NoServerLeft:
+        """The error when no server is left: each server, and the end of its log for a local one."""
+        lines = ["every vLLM server of the pool is down:"]
+        for s in self.servers:
+            lines.append(s.url)
+            if s.local_index is not None:
+                path = self.local.log_path(s.local_index)
+                lines[-1] += f"; end of {path}:\n{log_tail(path)}"
+        return NoServerLeft("\n".join(lines))
+
     # --- generation ------------------------------------------------------------------------
     def generate(self, model_path: str, prompt_ids: list[list[int]], params: SamplingParams) -> pd.DataFrame:
         self.ensure_weights(model_path)
@@ -343,14 +450,19 @@ class ServerPool:
         sampling = vllm_sampling(params)
         body = {k: sampling.pop(k) for k in ("n", "temperature", "top_p", "max_tokens", "logprobs")}
         body["extra_body"] = {**sampling, "return_token_ids": True}
-        clients = {s.url: AsyncOpenAI(base_url=s.url, api_key="EMPTY", max_retries=0, timeout=self.request_timeout)
-                   for s in self.servers}
+        clients: dict[str, AsyncOpenAI] = {}  # by URL: a restarted server may come back on a new port
+
+        def client(url: str) -> AsyncOpenAI:
+            if url not in clients:
+                clients[url] = AsyncOpenAI(base_url=url, api_key="EMPTY", max_retries=0, timeout=self.request_timeout)
+            return clients[url]
+
         limit = asyncio.Semaphore(self.concurrency)
 
         async def one(i: int):
             async with limit:
                 ids = [int(t) for t in prompt_ids[i]]  # numpy ints are not JSON
-                return i, await self._request(clients, ids, request_seed(params.seed, i), params.n, body)
+                return i, await self._request(client, ids, request_seed(params.seed, i), params.n, body)
 
         tasks = [asyncio.create_task(one(i)) for i in range(len(prompt_ids))]
         results: list = [None] * len(prompt_ids)
@@ -367,21 +479,23 @@ class ServerPool:
                 await c.close()
         return results
 
-    def _pick(self) -> Server:
-        live = [s for s in self.servers if s.alive]
-        if not live:
-            raise NoServerLeft(f"every vLLM server of the pool is down: {', '.join(s.url for s in self.servers)}")
+    async def _pick(self) -> Server:
+        """The live server with the fewest requests in flight; while none is live, wait for a restart."""
+        while not (live := [s for s in self.servers if s.alive]):
+            if not any(s.restarting for s in self.servers):
+                raise self._no_server_left()
+            await asyncio.sleep(0.5)
         return min(live, key=lambda s: s.inflight)
 
-    async def _request(self, clients: dict, ids: list[int], seed: int, n: int, body: dict) -> list[tuple]:
+    async def _request(self, client: Callable, ids: list[int], seed: int, n: int, body: dict) -> list[tuple]:
         import openai
 
         error: Exception | None = None
         for attempt in range(self.max_retries + 1):
-            s = self._pick()
+            s = await self._pick()
             s.inflight += 1
             try:
-                resp = await clients[s.url].completions.create(model=self.model, prompt=ids, seed=seed, **body)
+                resp = await client(s.url).completions.create(model=self.model, prompt=ids, seed=seed, **body)
                 choices = sorted(resp.choices, key=lambda c: c.index)
                 if len(choices) != n:
                     raise openai.APIError(f"{len(choices)} choices for n={n}", request=None, body=None)
@@ -392,9 +506,7 @@ class ServerPool:
                     raise  # a bad request fails the same way everywhere
                 error = e
                 if not await asyncio.to_thread(self.healthy, s):
-                    if s.alive:
-                        log.warning("vLLM server %s is down (%s); its requests go to the other servers", s.url, e)
-                    s.alive = False
+                    self._lost(s, e)
                     continue  # failover is immediate
             finally:
                 s.inflight -= 1
@@ -402,6 +514,9 @@ class ServerPool:
         raise RuntimeError(f"a generation request failed {self.max_retries + 1} times; last error: {error}")
 
     def close(self) -> None:
+        self._closed.set()
+        if self._dead is not None:
+            self._dead.put(None)
         if self.local is not None:
             self.local.stop()
 
