@@ -128,14 +128,15 @@ def test_changed_keys(tiny_overrides):
     assert diff == [("acquisition.function", "random", "hybrid")] and type(diff[0][2]) is str
 
 
-# The keys that may change on resume, as config.py listed them before they were declared with the fields.
+# The keys that may change on resume: those config.py listed before they were declared with the fields, and
+# generation.servers.max_restarts (added since; a restart limit changes no result).
 RESUMABLE_BEFORE = {
     "assets_dir", "loop.rounds", "loop.tensorboard", "loop.num_threads", "scoring.batch_size",
     "training.checkpoint_every_steps",
     *(f"launcher.{k}" for k in ("accelerate_config", "scoring_processes", "training_processes",
                                 "collective_timeout_s", "executor")),
     *(f"generation.servers.{k}" for k in ("urls", "num_local", "model", "concurrency", "max_retries",
-                                          "request_timeout", "startup_timeout")),
+                                          "request_timeout", "startup_timeout", "max_restarts")),
     *(f"slurm.{k}" for k in ("partition", "account", "qos", "time", "nodes", "gpus_per_node", "cpus_per_task",
                              "mem", "generation_nodes", "servers_per_node", "generation_gpus_per_node",
                              "signal_seconds", "setup", "python", "array_parallel", "extra")),
@@ -151,16 +152,17 @@ def test_resumable_keys_are_the_ones_listed_before():
 
 @pytest.mark.parametrize("key, allowed", [
     ("model.dtype", "float32, bfloat16, float16"),
-    ("data.source", "movie_reviews, imdb, tldr, file"),
+    ("data.source", "movie_reviews, imdb, tldr, file, fortunes"),
     ("generation.backend", "hf, vllm, vllm_server, auto"),
     ("generation.vllm.dtype", "float32, bfloat16, float16"),
     ("scoring.entropy_estimator", "mc, token"),
-    ("acquisition.function", "random, entropy, certainty, uncertainty, hybrid"),
-    ("oracle.kind", "sentiment, llm_judge, reward_model, custom"),
+    ("acquisition.function", "random, entropy, certainty, uncertainty, hybrid, epistemic, thompson, diverse, "
+                             "diverse_certainty"),
+    ("oracle.kind", "sentiment, llm_judge, reward_model, custom, readability"),
     ("oracle.noise", "none, bradley_terry"),
     ("oracle.task", "sentiment, summary, helpfulness"),
     ("oracle.answer", "text, logprob"),
-    ("eval.oracle.kind", "sentiment, llm_judge, reward_model, custom"),
+    ("eval.oracle.kind", "sentiment, llm_judge, reward_model, custom, readability"),
     ("eval.oracle.answer", "text, logprob"),
     ("training.init", "sft, previous"),
     ("training.mixed_precision", "no, bf16"),
@@ -239,7 +241,7 @@ def test_export_labels_of_a_file_that_is_no_store_is_one_line(tmp_path, capsys):
 
     junk = tmp_path / "labels.sqlite"
     junk.write_bytes(b"this is not a database" * 100)
-    assert main(["export-labels", str(junk), str(tmp_path / "out.parquet")]) == 1
+    assert main(["export-labels", str(junk), str(tmp_path / "out.parquet")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"{junk}: not an apo-dist label store") and "Traceback" not in err
     assert junk.read_bytes() == b"this is not a database" * 100 and not (tmp_path / "out.parquet").exists()

@@ -89,6 +89,32 @@ def test_counts_per_function_match_the_selection_code(small, function, pool, pai
     assert chosen["selected"].sum() == c["pair_prompts"]
 
 
+@pytest.mark.parametrize("function, ops", [
+    # n = 12 candidates (f_g M), h = 8 labels of rounds 0 and 1, k = 8, M = 4; fit h (2 k^2 + 60) per Newton
+    # step (10 for the posterior, 1 for the design matrix), z^T cov z 2 n k^2, then the selection
+    ("epistemic", 10 * 8 * 188 + 2 * 12 * 64 + 12 * 64 * 60),  # 64 quadrature nodes over n
+    ("thompson", 10 * 8 * 188 + 2 * 12 * 64 + 4 * 12 * (16 + 30)),  # M draws over n
+    ("diverse", 8 * 188 + 2 * 12 * 64 + 4 * 12 * (16 + 10)),  # M greedy picks over n
+    ("diverse_certainty", 8 * 188 + 2 * 8 * 64 + 4 * 8 * (16 + 10))])  # ... over the f_d M = 8 most certain
+def test_feature_function_costs_by_hand(small, function, ops):
+    cfg = load_config(small, [f"acquisition.function={function}", "acquisition.diversity_factor=2",
+                              "acquisition.feature_dim=8"])
+    r0, r2 = plan.round_counts(cfg, 0), plan.round_counts(cfg, 2)
+    assert (r0["pool_prompts"], r0["pair_prompts"], r0["entropy_samples"]) == (12, 12, 0)  # f_g M, like certainty
+    assert (r0["history_pairs"], r2["history_pairs"]) == (0, 8)
+    assert r2["policy_scored"] == 2 * (12 + 8) and r2["reference_scored"] == 24  # labels: policy pass only
+    assert r2["feature_bytes"] == 4 * 8 * 2 * (12 + 8)  # float32 features of scores and history
+    p = plan.plan(cfg)
+    last = p["rounds"][2]
+    assert last["scored_tokens"] == (40 + 24) * 16
+    acquired = next(s for s in last["stages"] if s["stage"] == "acquired")
+    assert acquired["ops"] == r2["acquisition_ops"] == ops
+    assert acquired["cpu_s"] == acquired["h100_s"] == pytest.approx(ops / plan.CPU_RATES["acquisition_ops"])
+    assert "numpy ops" in "\n".join(plan.stage_table(last["stages"]))
+    paper = plan.plan(load_config(small, ["acquisition.function=certainty"]))["rounds"][2]
+    assert "acquired" not in [s["stage"] for s in paper["stages"]] and paper["scored_tokens"] == (24 + 24) * 16
+
+
 def test_options_change_the_counts(small, tmp_path):
     # init previous continues from the last policy but, like sft, trains on every label so far
     assert plan.round_counts(load_config(small, ["training.init=previous"]), 2)["train_pairs"] == 12

@@ -30,17 +30,20 @@ def choice(name: str, members: str) -> type[enum.StrEnum]:
 
 
 DType = choice("DType", "float32 bfloat16 float16")
-DataSource = choice("DataSource", "movie_reviews imdb tldr file")
+DataSource = choice("DataSource", "movie_reviews imdb tldr file fortunes")
 GenerationBackend = choice("GenerationBackend", "hf vllm vllm_server auto")  # auto: vllm where it runs, else hf
 EntropyEstimator = choice("EntropyEstimator", "mc token")  # mc: -mean log p(y_n|x); token: mean token entropy
-AcquisitionFunction = choice("AcquisitionFunction", "random entropy certainty uncertainty hybrid")
-OracleKind = choice("OracleKind", "sentiment llm_judge reward_model custom")
-OracleNoise = choice("OracleNoise", "none bradley_terry")  # bradley_terry: sentiment and reward_model
+# epistemic, thompson, diverse, diverse_certainty: on policy features with a Bayesian linear head (acquisition.py)
+AcquisitionFunction = choice("AcquisitionFunction", "random entropy certainty uncertainty hybrid "
+                             "epistemic thompson diverse diverse_certainty")
+OracleKind = choice("OracleKind", "sentiment llm_judge reward_model custom readability")
+OracleNoise = choice("OracleNoise", "none bradley_terry")  # bradley_terry: the score oracles (not llm_judge, custom)
 JudgeTask = choice("JudgeTask", "sentiment summary helpfulness")
 JudgeAnswer = choice("JudgeAnswer", "text logprob")  # text: comparison then an A/B line; logprob: P(A) vs P(B)
 TrainingInit = choice("TrainingInit", "sft previous")  # sft: reset to the reference each round (the paper)
 MixedPrecision = choice("MixedPrecision", "no bf16")
 EvalReference = choice("EvalReference", "sft dataset")  # sft: the SFT model's completions; dataset: the data's
+EvalOutcome = choice("EvalOutcome", "hard soft")  # hard: 1/0, tie 0.5; soft: sigmoid(score margin / noise_temperature)
 Executor = choice("Executor", "auto local slurm")  # auto: slurm inside a SLURM job, else local
 
 
@@ -70,7 +73,7 @@ class DataConfig:
     path: str = ""  # for source=file: a .jsonl, .json or .parquet file
     text_field: str = "text"  # column holding the text in a file
     reference_field: str = ""  # for source=file: column holding each prompt's reference (eval.reference=dataset)
-    prompt_min_tokens: int = 8  # movie_reviews/imdb: prompts are the first k tokens, k in [min, max]
+    prompt_min_tokens: int = 8  # movie_reviews/imdb/fortunes: prompts are the first k tokens, k in [min, max]
     prompt_max_tokens: int = 16
     max_prompt_tokens: int = 512  # longer rows are dropped as over-long
     instruction: str = ""  # text put before every prompt (e.g. a task description)
@@ -106,6 +109,7 @@ class ServersConfig:
     max_retries: int = 5
     request_timeout: float = 600.0
     startup_timeout: float = 600.0
+    max_restarts: int = 3  # per local server: a server that dies is restarted at most this many times
 
 
 @dataclass
@@ -137,6 +141,10 @@ class AcquisitionConfig:
     labels_per_round: int = 128  # M
     prompt_factor: int = 8  # f_p: prompts over-sampled for the entropy step
     pair_factor: int = 32  # f_g: candidate pairs over-generated for the certainty step
+    # the feature functions (epistemic, thompson, diverse, diverse_certainty):
+    feature_dim: int = 32  # k: the policy's pooled last hidden state, randomly projected to k dimensions
+    prior_variance: float = 1.0  # s^2: Gaussian prior N(0, s^2 I) on the linear head w
+    diversity_factor: int = 4  # f_d: diverse_certainty designs among the top f_d * M pairs by certainty
 
 
 @dataclass
@@ -197,6 +205,9 @@ class EvalConfig:
     # file: data.reference_field)
     reference: EvalReference = EvalReference.sft
     oracle: Optional[OracleConfig] = None  # the eval judge; null = the labelling oracle
+    samples_per_prompt: int = 1  # policy (and SFT reference) completions per eval prompt; > 1 needs temperature > 0
+    kl_samples: int = 1  # policy samples per eval prompt at T = 1 for KL(policy || SFT); 0 = off
+    outcome: EvalOutcome = EvalOutcome.hard  # the headline win-rate: hard answers, or soft from score margins
 
 
 @dataclass
@@ -362,6 +373,12 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.acquisition.labels_per_round >= 1, "acquisition.labels_per_round", "must be >= 1")
     _check(cfg.acquisition.prompt_factor >= 1, "acquisition.prompt_factor", "must be >= 1")
     _check(cfg.acquisition.pair_factor >= 1, "acquisition.pair_factor", "must be >= 1")
+    _check(cfg.acquisition.feature_dim >= 1, "acquisition.feature_dim", "must be >= 1")
+    _check(cfg.acquisition.prior_variance > 0, "acquisition.prior_variance", "must be > 0")
+    _check(cfg.acquisition.diversity_factor >= 1, "acquisition.diversity_factor", "must be >= 1")
+    _check(cfg.acquisition.function != "diverse_certainty"
+           or cfg.acquisition.diversity_factor <= cfg.acquisition.pair_factor, "acquisition.diversity_factor",
+           "must be <= acquisition.pair_factor (diverse_certainty designs among f_d * M of the f_g * M candidates)")
     _validate_oracle(cfg, "oracle")
     _check(cfg.oracle.max_labels >= 0, "oracle.max_labels", "must be >= 0 (0 = unlimited)")
     _check(cfg.oracle.max_cost >= 0, "oracle.max_cost", "must be >= 0 (0 = unlimited)")
@@ -381,6 +398,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.training.max_grad_norm > 0, "training.max_grad_norm", "must be > 0")
     _check(cfg.training.checkpoint_every_steps >= 0, "training.checkpoint_every_steps", "must be >= 0 (0 = off)")
     _check(cfg.eval.temperature >= 0, "eval.temperature", "must be >= 0 (0 = greedy)")
+    _validate_eval_sampling(cfg)
     _validate_eval_reference(cfg)
     _check(cfg.loop.rounds >= 1, "loop.rounds", "must be >= 1")
     _check(cfg.loop.num_threads >= 0, "loop.num_threads", "must be >= 0")
@@ -390,6 +408,18 @@ def validate(cfg: DictConfig) -> None:
     if cfg.launcher.accelerate_config:
         _check(Path(cfg.launcher.accelerate_config).expanduser().is_file(), "launcher.accelerate_config",
                f"file not found: {cfg.launcher.accelerate_config} (see launch/accelerate/)")
+
+
+def _validate_eval_sampling(cfg: DictConfig) -> None:
+    e = cfg.eval
+    _check(e.samples_per_prompt >= 1, "eval.samples_per_prompt", "must be >= 1")
+    _check(e.samples_per_prompt == 1 or e.temperature > 0, "eval.samples_per_prompt",
+           "> 1 needs eval.temperature > 0 (greedy completions of one prompt are all the same)")
+    _check(e.kl_samples >= 0, "eval.kl_samples", "must be >= 0 (0 = off)")
+    judge = (e.oracle or cfg.oracle).kind
+    _check(e.outcome != "soft" or judge != "llm_judge", "eval.outcome",
+           "soft needs an eval judge that scores completions (sentiment, reward_model, or a custom labeller "
+           f"with `scores`); the eval judge is {judge}")
 
 
 def _validate_eval_reference(cfg: DictConfig) -> None:
@@ -439,7 +469,8 @@ def _validate_vllm(cfg: DictConfig) -> None:
     _check(s.num_local >= 0, "generation.servers.num_local", "must be >= 0")
     for key in ("concurrency", "request_timeout", "startup_timeout"):
         _check(s[key] > 0, f"generation.servers.{key}", "must be > 0")
-    _check(s.max_retries >= 0, "generation.servers.max_retries", "must be >= 0")
+    for key in ("max_retries", "max_restarts"):
+        _check(s[key] >= 0, f"generation.servers.{key}", "must be >= 0")
     for url in s.urls:
         _check(url.startswith(("http://", "https://")), "generation.servers.urls",
                f"{url!r} is not an http(s) base URL like http://host:8000/v1")

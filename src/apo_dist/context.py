@@ -20,7 +20,7 @@ from .errors import BudgetExhausted, Preempted
 from .generation.backends import make_backend
 from .generation.base import SamplingParams
 from .models import DTYPES, load_model, load_tokenizer, training_forward
-from .oracles.store import LabelStore
+from .oracles.store import LabelStore, open_store
 from .rundir import RunDir
 from .scoring import sequence_logprobs
 
@@ -44,6 +44,7 @@ class RunContext:
         self.tokenizer = load_tokenizer(self.sft_path)
         self._model: tuple[str, object] | None = None
         self._backend = None
+        self._restarts_taken = 0  # the backend's server restarts already in a stage's metrics
         self._store: LabelStore | None = None
 
     # --- who and where -----------------------------------------------------------------------
@@ -73,7 +74,7 @@ class RunContext:
     @property
     def store(self) -> LabelStore:
         if self._store is None:
-            self._store = LabelStore(self.cfg.oracle.store or self.rd.labels_db)
+            self._store = open_store(self.cfg.oracle.store or self.rd.labels_db)
         return self._store
 
     def ask(self, oracle, prompts: list[str], a: list[str], b: list[str], batch_size: int, desc: str,
@@ -162,14 +163,26 @@ class RunContext:
         meta = prompts.iloc[out["prompt_index"].values].reset_index(drop=True)
         return pd.concat([meta[["prompt_id", "prompt", "prompt_ids"]], out.drop(columns="prompt_index")], axis=1)
 
+    def server_restarts(self) -> dict:
+        """For a generating stage's metrics: {"server_restarts": N}, the vLLM servers the pool restarted
+        since the last call (the vllm_server backend; {} for the others)."""
+        total = getattr(self._backend, "restarts", None)
+        if total is None:
+            return {}
+        n, self._restarts_taken = total - self._restarts_taken, total
+        return {"server_restarts": n}
+
     def logprobs(self, model_path: str, samples: pd.DataFrame, with_entropy: bool = False,
-                 desc: str = "score", shard_dir: Path | None = None) -> pd.DataFrame:
+                 desc: str = "score", shard_dir: Path | None = None, feature_dim: int = 0,
+                 feature_seed: int = 0) -> pd.DataFrame:
         """Teacher-forced log-probs of each row's completion (token_ids) given its prompt (prompt_ids),
-        computed in the trainer's precision (models.training_forward), whatever model.dtype is."""
+        computed in the trainer's precision (models.training_forward), whatever model.dtype is; with
+        feature_dim > 0 also its features (scoring.sequence_logprobs)."""
         weights, autocast = training_forward(self.cfg.training.mixed_precision, deepspeed_enabled())
         model = self.model(model_path, weights)
         device = next(model.parameters()).device
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             return sequence_logprobs(model, [list(p) for p in samples["prompt_ids"]],
                                      [list(t) for t in samples["token_ids"]], self.tokenizer.pad_token_id,
-                                     self.cfg.scoring.batch_size, with_entropy, desc, self.progress, shard_dir)
+                                     self.cfg.scoring.batch_size, with_entropy, desc, self.progress, shard_dir,
+                                     feature_dim, feature_seed)

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from .config import ConfigError
 
 ENTROPY_FUNCTIONS = ("entropy", "hybrid")  # acquisition functions that sample N completions per pool prompt
+# acquisition functions on the policy's features with a Bayesian linear head (acquisition.py): their scoring
+# pass also returns features, and rescores the labelled pairs of earlier rounds under the round's policy
+FEATURE_FUNCTIONS = ("epistemic", "thompson", "diverse", "diverse_certainty")
 
 
 @dataclass(frozen=True)
@@ -21,25 +24,32 @@ class RoundCounts:
     pair_prompts: int  # prompts kept for pair generation; one candidate pair each, every pair scored
     labels: int  # pairs acquired and sent to the oracle (M)
     train_pairs: int  # labelled pairs the round's training sees: every label so far, in both init modes
+    history_pairs: int  # feature functions: earlier rounds' labels rescored by the round's policy (else 0)
 
 
 def uses_entropy(cfg) -> bool:
     return cfg.acquisition.function in ENTROPY_FUNCTIONS
 
 
+def uses_features(cfg) -> bool:
+    return cfg.acquisition.function in FEATURE_FUNCTIONS
+
+
 def round_counts(cfg, r: int) -> RoundCounts:
     """Round r's counts: random draws M prompts, entropy f_p*M (keeps M), certainty and uncertainty
-    f_g*M, hybrid f_p*f_g*M (keeps f_g*M by entropy, then M pairs by certainty)."""
+    f_g*M, hybrid f_p*f_g*M (keeps f_g*M by entropy, then M pairs by certainty); the feature functions
+    f_g*M like certainty (f_p unused; diverse_certainty designs among the top f_d*M of them)."""
     a = cfg.acquisition
     m, fp, fg = a.labels_per_round, a.prompt_factor, a.pair_factor
-    pool = {"random": m, "entropy": fp * m, "certainty": fg * m, "uncertainty": fg * m,
-            "hybrid": fp * fg * m}[a.function]
+    pool = {"random": m, "entropy": fp * m, "hybrid": fp * fg * m,
+            **dict.fromkeys(("certainty", "uncertainty", *FEATURE_FUNCTIONS), fg * m)}[a.function]
     return RoundCounts(
         pool_prompts=pool,
         entropy_samples=pool * cfg.scoring.entropy_samples if uses_entropy(cfg) else 0,
         pair_prompts={"entropy": m, "hybrid": fg * m}.get(a.function, pool),
         labels=m,
         train_pairs=(r + 1) * m,
+        history_pairs=r * m if uses_features(cfg) else 0,
     )
 
 

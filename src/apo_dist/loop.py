@@ -94,5 +94,7 @@ def round_summary(rd: RunDir, r: int, seconds: float, echo: Callable[[str], None
     result = json.loads(rd.path("eval", r).read_text())
     echo(f"round {r}: labels {result['labels']:4d} | win-rate {result['win_rate']:.3f} "
          f"± {result['stderr']:.3f} (n={result['n']}, ties {result['tie_rate']:.2f}"
-         f"{', unjudged %d' % result['unjudged'] if result.get('unjudged') else ''}) | {seconds:.0f} s")
+         f"{', unjudged %d' % result['unjudged'] if result.get('unjudged') else ''})"
+         f"{' | score %.3f' % result['score'] if 'score' in result else ''}"
+         f"{' | KL %.3f' % result['kl'] if 'kl' in result else ''} | {seconds:.0f} s")
     return result

@@ -41,6 +41,10 @@ CPU_RATES = {
     "hf_tokens": 199.0,  # generated tokens/s, HF generate fp32
     "vllm_tokens": 535.0,  # generated tokens/s, vLLM CPU engine bf16 (also used for vllm_server)
     "params": 134.5e6,
+    # operations/s of the feature functions' selection (acquisition_ops): select_pairs at 4,096 and
+    # 40,960 candidates (k = 32, one BLAS thread) ran at 0.3-1.9G/s on the same VM under load; the
+    # coordinator's CPU does this work on a GPU node too
+    "acquisition_ops": 1.0e9,
 }
 
 # The H100 model (SXM, 80 GB): a roofline with efficiencies calibrated on one H200 (same dense bf16
@@ -81,6 +85,11 @@ ASSUMPTIONS = [
     "per request (1 s logprob), oracle.max_concurrency in flight; no re-asks or retries counted",
     "GPUs held: generation GPUs (vLLM engines stay resident) + max(scoring, training) ranks; "
     "model loading, vLLM start-up and weight reloads not counted",
+    "feature functions (epistemic, thompson, diverse, diverse_certainty): the scoring pass also scores the "
+    "labels of earlier rounds under the policy (2 sequences each, no reference pass) and stores k float32 "
+    "features per completion; selecting is numpy work on the coordinator's CPU (acquisition_ops, "
+    f"{CPU_RATES['acquisition_ops'] / 1e9:.1f}G operations/s, the same on a GPU node), with "
+    "10 Newton steps for the Laplace fit",
 ]
 
 
@@ -138,16 +147,41 @@ def round_counts(cfg, r: int) -> dict:
     same_ref = r == 0 and cfg.model.reference in ("", cfg.model.policy)  # the policy of round 0 is the reference
     asks = 2 if cfg.oracle.both_orders else 1
     eval_oracle = cfg.eval.oracle or cfg.oracle
+    k = cfg.acquisition.feature_dim if counts.uses_features(cfg) else 0
     return {
         "round": r, "pool_prompts": c.pool_prompts, "entropy_samples": c.entropy_samples,
         "entropy_scored": scored_entropy, "pair_prompts": c.pair_prompts, "candidate_pairs": c.pair_prompts,
-        "pair_completions": 2 * c.pair_prompts, "policy_scored": 2 * c.pair_prompts,
+        "pair_completions": 2 * c.pair_prompts, "history_pairs": c.history_pairs,
+        "policy_scored": 2 * (c.pair_prompts + c.history_pairs),
         "reference_scored": 0 if same_ref else 2 * c.pair_prompts, "labels": c.labels,
+        "feature_bytes": 4 * k * 2 * (c.pair_prompts + c.history_pairs),  # scores + history tables
+        "acquisition_ops": acquisition_ops(cfg, c),
         "label_requests": c.labels * asks, "train_pairs": c.train_pairs, "pair_epochs": c.train_pairs * cfg.training.epochs,
         "train_steps": math.ceil(c.train_pairs / cfg.training.batch_size) * cfg.training.epochs,
         "eval_completions": cfg.data.n_eval,
         "eval_requests": cfg.data.n_eval * (2 if eval_oracle.both_orders else 1),
     }
+
+
+NEWTON_STEPS = 10  # Laplace fit: Newton steps assumed (each step also evaluates the objective)
+
+
+def acquisition_ops(cfg, c: counts.RoundCounts) -> float:
+    """Numpy operations of one round's choice of pairs by a feature function (0 for the paper's
+    functions, whose sort is negligible). n candidates, h labelled pairs, k features, M picks:
+    the posterior (10 Newton steps of h (2 k^2 + 60)) or the design matrix (once), z^T cov z of every
+    candidate (2 n k^2), then epistemic: n x 64 quadrature nodes; thompson: M draws over n (2 k + 30: the
+    sampled logit and its sigmoid); diverse: M greedy picks over n (2 k + 10: Sherman-Morrison);
+    diverse_certainty: M picks over its f_d M designed pairs."""
+    a = cfg.acquisition
+    if not counts.uses_features(cfg):
+        return 0.0
+    n, h, k, m = c.pair_prompts, c.history_pairs, a.feature_dim, c.labels
+    if a.function == "diverse_certainty":
+        n = min(n, a.diversity_factor * m)
+    fit = (NEWTON_STEPS if a.function in ("epistemic", "thompson") else 1) * h * (2 * k * k + 60)
+    select = {"epistemic": n * 64 * 60, "thompson": m * n * (2 * k + 30)}.get(a.function, m * n * (2 * k + 10))
+    return float(fit + 2 * n * k * k + select)
 
 
 def stage_gpus(cfg) -> dict:
@@ -214,9 +248,9 @@ def round_stages(cfg, r: int, params: float | None) -> list[dict]:
         stages.append({"stage": name, "kind": "generation", "gpus": gpus["generation"], "sequences": sequences,
                        "tokens": sequences * comp, "flops": flops, "prompts": prompts})
 
-    def score(name, sequences, models=1):
-        tokens = sequences * (p + comp) * models
-        stages.append({"stage": name, "kind": "scoring", "gpus": gpus["scoring"], "sequences": sequences * models,
+    def score(name, sequences):
+        tokens = sequences * (p + comp)
+        stages.append({"stage": name, "kind": "scoring", "gpus": gpus["scoring"], "sequences": sequences,
                        "tokens": tokens, "flops": None if params is None else 2 * params * tokens})
 
     if c["entropy_samples"]:
@@ -224,7 +258,11 @@ def round_stages(cfg, r: int, params: float | None) -> list[dict]:
     if c["entropy_scored"]:
         score("entropy", c["entropy_scored"])
     gen("samples", c["pair_prompts"], c["pair_completions"])
-    score("scores", c["policy_scored"], 1 + (c["reference_scored"] > 0))
+    score("scores", c["policy_scored"] + c["reference_scored"])
+    if c["acquisition_ops"]:
+        stages.append({"stage": "acquired", "kind": "acquisition", "gpus": 0, "ops": c["acquisition_ops"],
+                       "candidates": c["candidate_pairs"], "history": c["history_pairs"],
+                       "feature_bytes": c["feature_bytes"], "flops": None})
     stages.append({"stage": "labels", "kind": "judge", "gpus": 0, "requests": c["label_requests"]})
     train_tokens = c["pair_epochs"] * 2 * (p + comp)
     stages.append({"stage": "train", "kind": "training", "gpus": gpus["training"], "tokens": train_tokens,
@@ -238,6 +276,9 @@ def round_stages(cfg, r: int, params: float | None) -> list[dict]:
 
 def _estimate(cfg, s: dict, params, backend, dtype, tp, lens) -> None:
     """Add h100_s, cpu_s (and judge cost) to stage `s` in place."""
+    if s["kind"] == "acquisition":  # numpy on the coordinator's CPU, on any machine
+        s["h100_s"] = s["cpu_s"] = s["ops"] / CPU_RATES["acquisition_ops"]
+        return
     if s["kind"] == "judge":
         section = (cfg.eval.oracle or cfg.oracle) if s["stage"].startswith("eval") else cfg.oracle
         one = judge_request(section, lens)
@@ -310,7 +351,7 @@ def _round_totals(stages: list[dict]) -> dict:
         "generated_tokens": sum(s["tokens"] for s in stages if s["kind"] == "generation"),
         "scored_tokens": sum(s["tokens"] for s in stages if s["kind"] == "scoring"),
         "train_flops": next(s["flops"] for s in stages if s["kind"] == "training"),
-        "flops": _sum([s["flops"] for s in stages if s["kind"] != "judge"]),
+        "flops": _sum([s["flops"] for s in stages if s["kind"] not in ("judge", "acquisition")]),
         "requests": sum(s["requests"] for s in stages if s["kind"] == "judge"),
         "cost": _sum([s["cost"] for s in stages if s["kind"] == "judge"]),
         "h100_s": _sum([s["h100_s"] for s in stages]), "cpu_s": _sum([s["cpu_s"] for s in stages]),
@@ -341,6 +382,14 @@ def fmt_seconds(s: float | None) -> str:
     if s < 7200:
         return f"{s / 60:.1f} min"
     return f"{s / 3600:.1f} h"
+
+
+def fmt_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
 
 
 def fmt_dollars(x: float | None) -> str:
@@ -427,10 +476,12 @@ def format_plan(p: dict, cfg) -> str:
     a, lens, g = cfg.acquisition, p["lengths"], p["gpus"]
     params = f"{fmt_count(p['params']).replace('G', 'B')} parameters ({p['params_from']})" if p["params"] else \
         "parameter count unknown (FLOPs and times not estimated; use a known name or a local folder)"
+    features = (f", k={a.feature_dim}, s^2={a.prior_variance}, f_d={a.diversity_factor}"
+                if counts.uses_features(cfg) else "")
     lines = [
         f"policy {p['policy']}: {params}",
         f"acquisition {a.function}: M={a.labels_per_round}, f_p={a.prompt_factor}, f_g={a.pair_factor}, "
-        f"N={cfg.scoring.entropy_samples}; {cfg.loop.rounds} rounds; training init {cfg.training.init}, "
+        f"N={cfg.scoring.entropy_samples}{features}; {cfg.loop.rounds} rounds; training init {cfg.training.init}, "
         f"{cfg.training.epochs} epochs, batch {cfg.training.batch_size}",
         f"lengths: prompt ~{lens['prompt']:.0f} tokens, completion <= {lens['completion']:.0f} tokens",
         f"GPUs: generation {g['generation']}, scoring {g['scoring']}, training {g['training']}; held {g['held']}",
@@ -474,9 +525,12 @@ def stage_table(stages: list[dict]) -> list[str]:
         if s["kind"] == "judge":
             work = (f"{s['requests']} requests, {fmt_count(s['input_tokens'])} in + "
                     f"{fmt_count(s['output_tokens'])} out tokens, {fmt_dollars(s['cost'])}")
+        elif s["kind"] == "acquisition":
+            work = (f"{fmt_count(s['candidates'])} candidates, {fmt_count(s['history'])} labelled pairs, "
+                    f"{fmt_count(s['ops'])} numpy ops, {fmt_bytes(s['feature_bytes'])} of features")
         else:
             work = f"{fmt_count(s['sequences'])} sequences, {fmt_count(s['tokens'])} tokens"
-        flops = "-" if s["kind"] == "judge" else fmt_count(s["flops"])
+        flops = "-" if s["kind"] in ("judge", "acquisition") else fmt_count(s["flops"])
         rows.append(f"| {s['stage']} | {work} | {s['gpus']} | {flops} "
                     f"| {fmt_seconds(s['h100_s'])} | {fmt_seconds(s['cpu_s'])} |")
     return rows

@@ -87,6 +87,7 @@ ROUND_FILES = {
     "entropy": "entropy.parquet",
     "samples": "samples.parquet",
     "scores": "scores.parquet",
+    "history": "history.parquet",  # feature functions: earlier rounds' labelled pairs under this round's policy
     "acquired": "acquired.parquet",
     "labels": "labels.parquet",
     "policy": "policy",  # an HF checkpoint folder

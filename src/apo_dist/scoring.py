@@ -21,7 +21,8 @@ from .rundir import read_table, write_table
 @torch.no_grad()
 def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],
                       pad_id: int, batch_size: int = 32, with_entropy: bool = False,
-                      desc: str = "score", progress: bool = True, shard_dir: Path | None = None) -> pd.DataFrame:
+                      desc: str = "score", progress: bool = True, shard_dir: Path | None = None,
+                      feature_dim: int = 0, feature_seed: int = 0) -> pd.DataFrame:
     """log p(completion | prompt) summed over completion tokens, in the input order.
 
     Batches hold sequences of similar length (little padding). Under several processes the rows
@@ -29,7 +30,9 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[l
     `shard_dir/rank_K.parquet`, and every rank reads all shards back in the input order. Every
     rank runs the same number of forward passes, as ZeRO-3 needs. Columns: logp, n_tokens and,
     with `with_entropy`, token_entropy (mean entropy of the full next-token distribution along
-    the completion).
+    the completion); with `feature_dim` k > 0, features: float32 [k] per row from the same forward
+    pass (completion_features of the LM head's input [B, T, d], projected by
+    feature_projection(d, k, feature_seed)).
     """
     from accelerate import PartialState
 
@@ -40,24 +43,60 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[l
     n_batches = max(math.ceil(len(s) / batch_size) for s in shards)
     mine = shards[rank]
     part = pd.DataFrame({"row": mine, "logp": 0.0, "n_tokens": 0, "token_entropy": np.nan})
-    for b in tqdm(range(n_batches), desc=desc, disable=not progress or rank != 0, unit="batch"):
-        idx = mine[b * batch_size: (b + 1) * batch_size]
-        # A rank that ran out of rows still joins the forward pass (ZeRO-3 gathers collectively).
-        run = idx if len(idx) else np.arange(min(1, len(prompt_ids)))
-        lp, nt, ent = completion_logprobs(model, [prompt_ids[i] for i in run],
-                                          [completion_ids[i] for i in run], pad_id, with_entropy)
-        if len(idx):
-            rows = slice(b * batch_size, b * batch_size + len(idx))
-            part.iloc[rows, 1] = lp.cpu().numpy()
-            part.iloc[rows, 2] = nt.cpu().numpy()
-            if with_entropy:
-                part.iloc[rows, 3] = ent.cpu().numpy()
+    features = np.zeros((len(mine), feature_dim), dtype=np.float32)
+    hidden: list[torch.Tensor] = []  # the LM head's input of the current batch: [B, T, d]
+    hook = (model.get_output_embeddings().register_forward_pre_hook(lambda _, args: hidden.append(args[0]))
+            if feature_dim else None)
+    projection = None
+    try:
+        for b in tqdm(range(n_batches), desc=desc, disable=not progress or rank != 0, unit="batch"):
+            idx = mine[b * batch_size: (b + 1) * batch_size]
+            # A rank that ran out of rows still joins the forward pass (ZeRO-3 gathers collectively).
+            run = idx if len(idx) else np.arange(min(1, len(prompt_ids)))
+            hidden.clear()
+            lp, nt, ent = completion_logprobs(model, [prompt_ids[i] for i in run],
+                                              [completion_ids[i] for i in run], pad_id, with_entropy)
+            if len(idx):
+                rows = slice(b * batch_size, b * batch_size + len(idx))
+                part.iloc[rows, 1] = lp.cpu().numpy()
+                part.iloc[rows, 2] = nt.cpu().numpy()
+                if with_entropy:
+                    part.iloc[rows, 3] = ent.cpu().numpy()
+                if feature_dim:
+                    if projection is None:
+                        projection = feature_projection(hidden[-1].shape[-1], feature_dim, feature_seed)
+                    features[rows] = completion_features(hidden[-1], [len(prompt_ids[i]) for i in idx],
+                                                         [len(completion_ids[i]) for i in idx], projection)
+    finally:
+        if hook is not None:
+            hook.remove()
+    if feature_dim:
+        part["features"] = list(features)
     if world > 1:
         write_table(shard_dir / f"rank_{rank}.parquet", part)
         state.wait_for_everyone()
         part = pd.concat([read_table(shard_dir / f"rank_{k}.parquet") for k in range(world)])
     out = part.sort_values("row").drop(columns="row").reset_index(drop=True)
     return out if with_entropy else out.drop(columns="token_entropy")
+
+
+def feature_projection(hidden_size: int, k: int, seed: int) -> np.ndarray:
+    """[hidden_size, k] float32 Gaussian random projection, entries N(0, 1/k): it keeps norms and
+    inner products of the (unit) features approximately (Johnson-Lindenstrauss)."""
+    return np.random.default_rng(seed).normal(0.0, 1.0 / math.sqrt(k), (hidden_size, k)).astype(np.float32)
+
+
+def completion_features(hidden: torch.Tensor, prompt_lens: list[int], completion_lens: list[int],
+                        projection: np.ndarray) -> np.ndarray:
+    """phi(x, y) [B, k] float32: the final hidden states [B, T, d] (right-padded) averaged over each
+    row's completion tokens in float32, scaled to unit L2 norm, times `projection` [d, k] (on the CPU,
+    outside any autocast)."""
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    start = torch.tensor(prompt_lens, device=hidden.device)[:, None]
+    end = start + torch.tensor(completion_lens, device=hidden.device)[:, None]
+    mask = ((positions >= start) & (positions < end)).float()[:, :, None]  # [B, T, 1]
+    pooled = (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy() @ projection
 
 
 def prompt_entropy(samples: pd.DataFrame, estimator: str = "mc") -> pd.DataFrame:
@@ -106,4 +145,32 @@ def pair_table(samples: pd.DataFrame, beta: float) -> pd.DataFrame:
     pairs["reward_a"] = implicit_reward(pairs["policy_logp_a"].values, pairs["ref_logp_a"].values, beta)
     pairs["reward_b"] = implicit_reward(pairs["policy_logp_b"].values, pairs["ref_logp_b"].values, beta)
     pairs["certainty"] = certainty(pairs["reward_a"].values, pairs["reward_b"].values)
+    if "features" in samples.columns:  # float32 [k] per completion (sequence_logprobs)
+        pairs["features_a"] = a["features"].values
+        pairs["features_b"] = b["features"].values
     return pairs
+
+
+def pair_sequences(pairs: pd.DataFrame) -> pd.DataFrame:
+    """[2n] rows (prompt_ids, token_ids) to score: the n pairs' a-completions, then their b-completions."""
+    return pd.DataFrame({"prompt_ids": [*pairs["prompt_ids"], *pairs["prompt_ids"]],
+                         "token_ids": [*pairs["tokens_a"], *pairs["tokens_b"]]})
+
+
+HISTORY_COLUMNS = ["round", "pair_id", "label", "policy_logp_a", "policy_logp_b", "ref_logp_a", "ref_logp_b",
+                   "reward_a", "reward_b", "features_a", "features_b"]
+
+
+def rescored_pairs(labelled: pd.DataFrame, scored: pd.DataFrame, beta: float) -> pd.DataFrame:
+    """Labelled pairs under another policy: one row per row of `labelled` (round, pair_id, label,
+    ref_logp_a, ref_logp_b) with `scored` ([2n] rows of logp and features for pair_sequences(labelled))
+    turned into policy_logp_a/b, reward_a/b (the stored reference log-probs) and features_a/b."""
+    n = len(labelled)
+    out = labelled[["round", "pair_id", "label", "ref_logp_a", "ref_logp_b"]].reset_index(drop=True)
+    out["policy_logp_a"] = scored["logp"].values[:n]
+    out["policy_logp_b"] = scored["logp"].values[n:]
+    out["reward_a"] = implicit_reward(out["policy_logp_a"].values, out["ref_logp_a"].values, beta)
+    out["reward_b"] = implicit_reward(out["policy_logp_b"].values, out["ref_logp_b"].values, beta)
+    out["features_a"] = list(scored["features"].values[:n])
+    out["features_b"] = list(scored["features"].values[n:])
+    return out[HISTORY_COLUMNS]

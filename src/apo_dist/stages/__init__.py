@@ -2,15 +2,17 @@
 (RunContext, round) returning (outputs by name, metrics); the engine writes the outputs.
 
 Run-level (once):   prompts -> eval_reference
-Per round r:        pool -> [entropy_samples] -> entropy -> samples -> scores
+Per round r:        pool -> [entropy_samples] -> entropy -> samples -> scores [+ history]
                     -> acquired -> labels -> train -> eval
+([entropy_samples]: entropy and hybrid only; [history]: the feature functions, whose scores stage
+also rescores the labels of rounds < r.)
 
 `inputs` name the stages (round, stage) whose results a stage used: when one of them is redone,
 so is every stage downstream of it.
 """
 from __future__ import annotations
 
-from ..counts import uses_entropy
+from ..counts import uses_entropy, uses_features
 from ..engine import Stage
 from ..rundir import RUN
 from .acquire import acquired, labels
@@ -39,7 +41,10 @@ def round_stages(cfg, r: int) -> list[Stage]:
         Stage("entropy", entropy, ("entropy",), {entropy_input: (r, entropy_input), **policy},
               processes=scoring if uses_entropy(cfg) else 0),
         Stage("samples", samples, ("samples",), {"entropy": (r, "entropy"), **policy}),
-        Stage("scores", scores, ("scores",), {"samples": (r, "samples"), **policy}, processes=scoring),
+        Stage("scores", scores, ("scores", "history") if uses_features(cfg) else ("scores",),
+              {"samples": (r, "samples"), **policy,
+               **({f"labels_{q}": (q, "labels") for q in range(r)} if uses_features(cfg) else {})},
+              processes=scoring),
         Stage("acquired", acquired, ("acquired",), {"scores": (r, "scores")}),
         Stage("labels", labels, ("labels",), {"acquired": (r, "acquired")}),
         Stage("train", train, ("policy", "train_log"),

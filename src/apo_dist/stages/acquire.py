@@ -9,7 +9,7 @@ import pandas as pd
 
 from .. import acquisition
 from ..context import RunContext
-from ..counts import round_counts
+from ..counts import round_counts, uses_features
 from ..faults import fault_point
 from ..oracles.registry import make_oracle
 
@@ -17,19 +17,31 @@ log = logging.getLogger("apo_dist.stages")
 
 
 def ranked_pairs(ctx: RunContext, r: int, scores: pd.DataFrame, exclude: set | None = None) -> pd.DataFrame:
-    """The round's seeded choice of pairs from its scores, leaving out `exclude`."""
+    """The round's seeded choice of pairs from its scores (and, for the feature functions, its
+    history of labelled pairs), leaving out `exclude`."""
+    a = ctx.cfg.acquisition
     rng = np.random.default_rng(ctx.seed(r, "acquired"))
-    return acquisition.select_pairs(scores, ctx.cfg.acquisition.function,
-                                    round_counts(ctx.cfg, r).labels, rng, exclude=exclude)
+    history = ctx.rd.table("history", r) if uses_features(ctx.cfg) else None
+    return acquisition.select_pairs(scores, a.function, round_counts(ctx.cfg, r).labels, rng, exclude=exclude,
+                                    history=history, prior_variance=a.prior_variance,
+                                    diversity_factor=a.diversity_factor)
 
 
 def acquired(ctx: RunContext, r: int) -> tuple[dict, dict]:
-    """acquired: the M pairs the acquisition function ranks first."""
-    chosen = ranked_pairs(ctx, r, ctx.rd.table("scores", r))
+    """acquired: the M pairs the acquisition function ranks first. Pairs of identical completions are
+    never chosen: when they leave fewer than M candidates, the round gets fewer labels."""
+    scores = ctx.rd.table("scores", r)
+    chosen = ranked_pairs(ctx, r, scores)
     m = round_counts(ctx.cfg, r).labels
+    identical = int(acquisition.identical_pairs(scores).sum())
+    if chosen.empty:
+        raise RuntimeError(f"round {r}: no candidate pairs for {m} labels ({identical} of {len(scores)} "
+                           f"have identical completions)")
     if len(chosen) < m:
-        raise RuntimeError(f"round {r}: only {len(chosen)} candidate pairs for {m} labels")
-    return {"acquired": chosen}, {"pairs": len(chosen), "mean_certainty": float(chosen["certainty"].mean())}
+        log.warning("round %d: %d pairs acquired instead of %d: %d of %d candidate pairs have identical "
+                    "completions", r, len(chosen), m, identical, len(scores))
+    return {"acquired": chosen}, {"pairs": len(chosen), "identical_pairs": identical,
+                                  "mean_certainty": float(chosen["certainty"].mean())}
 
 
 def labels(ctx: RunContext, r: int) -> tuple[dict, dict]:
@@ -67,8 +79,8 @@ def labels(ctx: RunContext, r: int) -> tuple[dict, dict]:
                            f"({dict(reasons)})")
     shortfall = round_counts(cfg, r).labels - len(table)
     if shortfall:
-        log.warning("round %d: %d labels instead of %d: %d candidate pairs were unlabelable and no "
-                    "candidates are left to replace them (raise acquisition.pair_factor)",
+        log.warning("round %d: %d labels instead of %d: %d pairs were unlabelable or the pool held too few "
+                    "pairs of distinct completions, and no candidates are left (raise acquisition.pair_factor)",
                     r, len(table), len(table) + shortfall, len(excluded))
     return {"labels": table}, {
         "labels": len(table), "unlabelable": len(excluded), "shortfall": shortfall,

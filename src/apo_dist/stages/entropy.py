@@ -17,7 +17,7 @@ def entropy_samples(ctx: RunContext, r: int) -> tuple[dict, dict]:
     params = ctx.sampling(cfg.scoring.entropy_samples, cfg.generation.entropy_temperature,
                           ctx.seed(r, "entropy_samples"), truncate=False)
     samples = ctx.generate(ctx.policy_path(r), ctx.rd.table("pool", r), params)
-    return {"entropy_samples": samples}, {"samples": len(samples)}
+    return {"entropy_samples": samples}, {"samples": len(samples), **ctx.server_restarts()}
 
 
 def entropy(ctx: RunContext, r: int) -> tuple[dict, dict]:
