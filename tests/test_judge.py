@@ -24,10 +24,11 @@ from apo_dist.oracles.judge import JudgeError, LLMJudge, parse_verdict, read_log
 from apo_dist.oracles.base import OracleError, OracleUnavailable
 from apo_dist.oracles.custom import CustomOracle
 from apo_dist.oracles.registry import make_oracle
-from apo_dist.oracles.store import StoreError, is_postgres, open_store
+from apo_dist.oracles.store import StoreError, open_store
 
 from .judge_server import JUDGE_KEY, JUDGE_MODEL, FaultProxy, judge_server, pair_key  # noqa: F401 (fixture)
 from .test_loop import run_cli
+from .test_oracle import execute_raw
 
 KEY_ENV = "APO_TEST_JUDGE_KEY"
 
@@ -217,15 +218,7 @@ def test_custom_oracle_through_the_store_and_unlabelable_never_reasked(store_loc
 def test_a_store_from_an_older_version_is_refused(store_location):
     old = ("CREATE TABLE labels (key TEXT PRIMARY KEY, oracle TEXT, prompt TEXT, first TEXT, second TEXT, "
            "label REAL, raw TEXT, created REAL)")
-    if is_postgres(store_location):
-        import psycopg
-
-        with psycopg.connect(store_location, autocommit=True) as db:
-            db.execute(old)
-    else:
-        with sqlite3.connect(store_location) as db:
-            db.execute(old)
-        db.close()
+    execute_raw(store_location, old)
     with pytest.raises(StoreError, match="older apo-dist .no status column.; point oracle.store at a new file"):
         open_store(store_location)
 

@@ -257,7 +257,11 @@ def raw_contents(location: str):
 
 
 def set_schema_version(location: str, version: int) -> None:
-    sql = f"UPDATE meta SET value = '{version}' WHERE name = 'schema_version'"
+    execute_raw(location, f"UPDATE meta SET value = '{version}' WHERE name = 'schema_version'")
+
+
+def execute_raw(location: str, sql: str) -> None:
+    """One statement on the store's database, past apo-dist (to make a store of another version)."""
     if is_postgres(location):
         import psycopg
 
