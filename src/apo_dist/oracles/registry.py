@@ -19,6 +19,10 @@ def make_oracle(oracle_cfg, seed: int, deterministic: bool = False) -> Oracle:
         from .reward_model import RewardModelOracle
 
         return RewardModelOracle(oracle_cfg.model, noise, oracle_cfg.noise_temperature, seed)
+    if oracle_cfg.kind == "readability":
+        from .readability import ReadabilityOracle
+
+        return ReadabilityOracle(noise, oracle_cfg.noise_temperature, seed)
     if oracle_cfg.kind == "custom":
         return CustomOracle(oracle_cfg.function, oracle_cfg.max_retries)
     raise ValueError(f"unknown oracle kind {oracle_cfg.kind!r}")
