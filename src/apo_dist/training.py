@@ -31,7 +31,7 @@ from tqdm import tqdm
 from .devices import check_placement, note
 from .distributed import init_distributed, sharding_report
 from .models import completion_logprobs, load_model, load_tokenizer
-from .rundir import atomic_write_json
+from .rundir import atomic_write_text
 
 
 class TrainingStopped(RuntimeError):
@@ -300,7 +300,10 @@ def _checkpoint(accelerator, checkpoint_dir: Path, resume_key: str, history: lis
     name = f"step_{len(history):06d}"
     accelerator.save_state(str(checkpoint_dir / name))
     if accelerator.is_main_process:
-        atomic_write_json(checkpoint_dir / "progress.json", {"key": resume_key, "state": name, "history": history})
+        # Not atomic_write_json, which sorts keys: the restored records go into train_log.jsonl as they
+        # were, so that a resumed stage writes the same bytes as an uninterrupted one.
+        atomic_write_text(checkpoint_dir / "progress.json",
+                          json.dumps({"key": resume_key, "state": name, "history": history}) + "\n")
         for old in checkpoint_dir.glob("step_*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
