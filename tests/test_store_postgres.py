@@ -99,3 +99,18 @@ def test_a_run_on_a_postgres_store(postgres_url, tmp_path, capsys, tiny_override
             and f"; shared store postgresql://apo@127.0.0.1:" in out)
     assert run_cli(run_dir, overrides) == 0  # a finished run: nothing asked again
     assert store.totals()["requests"] == totals["requests"]
+
+
+def test_a_connection_lost_mid_run_is_one_line_and_keeps_what_was_committed(postgres_url):
+    import psycopg
+
+    store, oracle = open_store(postgres_url), CountingOracle()
+    store.label(oracle, ["p1", "p2"], [" a", " bb"], [" ccc", " d"], progress=False)
+    with psycopg.connect(postgres_url, autocommit=True) as admin:  # what a server restart does to a session
+        admin.execute("SELECT pg_terminate_backend(%s)", (store.db.info.backend_pid,))
+    with pytest.raises(StoreError, match=r"lost the connection .*the answers committed so far are stored"):
+        store.label(oracle, ["p3"], [" e"], [" ff"], progress=False)
+    store.close()
+    again = open_store(postgres_url)
+    assert again.totals()["answers"] == 2 and oracle.calls == 1
+    again.close()

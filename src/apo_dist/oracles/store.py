@@ -367,14 +367,29 @@ class PostgresStore(LabelStore):
             raise
 
     def _execute(self, sql: str, args=()):
-        return self.db.execute(sql.replace("?", "%s"), [clean(v) for v in args])  # no statement holds a literal ?
+        with self._connected():
+            return self.db.execute(sql.replace("?", "%s"), [clean(v) for v in args])  # no statement holds a literal ?
 
     def _executemany(self, sql: str, rows: list[tuple]) -> None:
-        with self.db.cursor() as cursor:
+        with self._connected(), self.db.cursor() as cursor:
             cursor.executemany(sql.replace("?", "%s"), [tuple(clean(v) for v in row) for row in rows])
 
-    def _transaction(self):
-        return self.db.transaction()
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with self._connected(), self.db.transaction():
+            yield
+
+    @contextmanager
+    def _connected(self) -> Iterator[None]:
+        """A lost connection (server down, restarted, network) is a StoreError: one line, and the
+        answers committed before it are safe in the database."""
+        import psycopg
+
+        try:
+            yield
+        except psycopg.OperationalError as e:
+            raise StoreError(f"{self.where}: lost the connection ({one_line(e)}); the answers committed "
+                             "so far are stored: run again once the server is back") from None
 
     def _tables(self) -> set[str]:
         return {name for (name,) in self._execute(
