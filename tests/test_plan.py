@@ -55,6 +55,8 @@ def test_hybrid_counts_by_hand(small):
     assert r0["pair_prompts"] == 12 and r0["pair_completions"] == 24  # top f_g * M prompts, one pair each
     assert r0["reference_scored"] == 0 and r1["reference_scored"] == 24  # round 0: policy is the reference
     assert (r0["labels"], r0["label_requests"], r0["eval_requests"]) == (4, 4, 10)
+    k = plan.round_counts(load_config(small, ["eval.samples_per_prompt=3", "eval.temperature=1", "eval.kl_samples=2"]), 0)
+    assert (k["eval_completions"], k["eval_requests"], k["kl_samples"]) == (30, 30, 20)
     assert [r["train_pairs"] for r in (r0, r1, r2)] == [4, 8, 12]  # init sft: all labels so far
     assert r2["pair_epochs"] == 60 and r2["train_steps"] == 15  # ceil(12 / 4) * 5 epochs
 
@@ -64,8 +66,10 @@ def test_tokens_flops_and_cost_by_hand(small):
     assert p["params"] == TINY_PARAMS and "config.json" in p["params_from"]
     assert p["lengths"] == {"prompt": 10.0, "completion": 6.0}
     r0, r1, r2 = p["rounds"]
-    assert r0["generated_tokens"] == 48 * 6 + 24 * 6 + 10 * 6  # entropy samples, pairs, eval
-    assert r0["scored_tokens"] == (48 + 24) * 16 and r1["scored_tokens"] == (48 + 48) * 16
+    # entropy samples, pairs, eval, and the eval's KL samples (eval.kl_samples = 1 per eval prompt)
+    assert r0["generated_tokens"] == 48 * 6 + 24 * 6 + 10 * 6 + 10 * 6
+    kl_scored = 2 * 10 * 16  # the KL samples under the policy and the SFT model
+    assert r0["scored_tokens"] == (48 + 24) * 16 + kl_scored and r1["scored_tokens"] == (48 + 48) * 16 + kl_scored
     assert r2["train_flops"] == 6 * TINY_PARAMS * 60 * 2 * 16  # pair-epochs x 2 sequences x 16 tokens
     one = (150 + 10 + 2 * 6) * 10 / 1e6 + 40 * 30 / 1e6  # judge template + prompt + 2 completions in, 40 out
     labels = next(s for s in r0["stages"] if s["stage"] == "labels")
@@ -73,7 +77,8 @@ def test_tokens_flops_and_cost_by_hand(small):
     assert r0["requests"] == 14 and r0["cost"] == pytest.approx(14 * one)
     assert p["totals"]["judge_cost"] == pytest.approx(42 * one)
     assert [s["stage"] for s in r0["stages"]] == ["entropy_samples", "entropy", "samples", "scores", "labels",
-                                                  "train", "eval (generate)", "eval (judge)"]
+                                                  "train", "eval (generate)", "eval (KL samples)",
+                                                  "eval (KL scoring)", "eval (judge)"]
     assert all(s["h100_s"] > 0 for s in r0["stages"]) and r0["bound"] in {s["stage"] for s in r0["stages"]}
 
 
@@ -106,13 +111,13 @@ def test_feature_function_costs_by_hand(small, function, ops):
     assert r2["feature_bytes"] == 4 * 8 * 2 * (12 + 8)  # float32 features of scores and history
     p = plan.plan(cfg)
     last = p["rounds"][2]
-    assert last["scored_tokens"] == (40 + 24) * 16
+    assert last["scored_tokens"] == (40 + 24) * 16 + 2 * 10 * 16  # + the eval's KL samples, twice
     acquired = next(s for s in last["stages"] if s["stage"] == "acquired")
     assert acquired["ops"] == r2["acquisition_ops"] == ops
     assert acquired["cpu_s"] == acquired["h100_s"] == pytest.approx(ops / plan.CPU_RATES["acquisition_ops"])
     assert "numpy ops" in "\n".join(plan.stage_table(last["stages"]))
     paper = plan.plan(load_config(small, ["acquisition.function=certainty"]))["rounds"][2]
-    assert "acquired" not in [s["stage"] for s in paper["stages"]] and paper["scored_tokens"] == (24 + 24) * 16
+    assert "acquired" not in [s["stage"] for s in paper["stages"]] and paper["scored_tokens"] == (24 + 24) * 16 + 2 * 10 * 16
 
 
 def test_options_change_the_counts(small, tmp_path):

@@ -158,8 +158,9 @@ def round_counts(cfg, r: int) -> dict:
         "acquisition_ops": acquisition_ops(cfg, c),
         "label_requests": c.labels * asks, "train_pairs": c.train_pairs, "pair_epochs": c.train_pairs * cfg.training.epochs,
         "train_steps": math.ceil(c.train_pairs / cfg.training.batch_size) * cfg.training.epochs,
-        "eval_completions": cfg.data.n_eval,
-        "eval_requests": cfg.data.n_eval * (2 if eval_oracle.both_orders else 1),
+        "eval_completions": cfg.data.n_eval * cfg.eval.samples_per_prompt,
+        "eval_requests": cfg.data.n_eval * cfg.eval.samples_per_prompt * (2 if eval_oracle.both_orders else 1),
+        "kl_samples": cfg.data.n_eval * cfg.eval.kl_samples,  # policy samples at T = 1, scored by policy and SFT
     }
 
 
@@ -268,6 +269,9 @@ def round_stages(cfg, r: int, params: float | None) -> list[dict]:
     stages.append({"stage": "train", "kind": "training", "gpus": gpus["training"], "tokens": train_tokens,
                    "sequences": 2 * c["pair_epochs"], "flops": None if params is None else 6 * params * train_tokens})
     gen("eval (generate)", cfg.data.n_eval, c["eval_completions"])
+    if c["kl_samples"]:
+        gen("eval (KL samples)", cfg.data.n_eval, c["kl_samples"])
+        score("eval (KL scoring)", 2 * c["kl_samples"])
     stages.append({"stage": "eval (judge)", "kind": "judge", "gpus": 0, "requests": c["eval_requests"]})
     for s in stages:
         _estimate(cfg, s, params, backend, dtype, tp, lens)

@@ -327,7 +327,7 @@ def mismatches(p: dict, m: dict) -> list[str]:
 PLAN_STAGES = {"prompts": None, "eval_reference": ["eval_reference"], "pool": None,
                "entropy_samples": ["entropy_samples"], "entropy": ["entropy"], "samples": ["samples"],
                "scores": ["scores"], "acquired": None, "labels": ["labels"], "train": ["train"],
-               "eval": ["eval (generate)", "eval (judge)"]}
+               "eval": ["eval (generate)", "eval (KL samples)", "eval (KL scoring)", "eval (judge)"]}
 
 
 def _gib(n: float) -> str:
