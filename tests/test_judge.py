@@ -9,7 +9,6 @@ import multiprocessing as mp
 import os
 import signal
 import sqlite3
-import time
 import traceback
 import zlib
 from pathlib import Path
@@ -128,18 +127,6 @@ def test_missing_key_is_a_clear_error(monkeypatch):
 
 # ---- calling at scale (no server) ----
 
-def test_retry_honours_retry_after_then_gives_up():
-    import asyncio
-
-    calls = []
-
-    async def flaky():
-        calls.append(time.monotonic())
-        raise Transient("HTTP 429", retry_after=0.3)
-
-    with pytest.raises(Exception, match="failed 3 times; last error: HTTP 429"):
-        asyncio.run(retry(flaky, max_retries=2))
-    assert len(calls) == 3 and all(b - a >= 0.3 for a, b in zip(calls, calls[1:]))
 
 
 class FakeClock:
@@ -154,6 +141,26 @@ class FakeClock:
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
         self.now += seconds
+
+
+def test_retry_honours_retry_after_then_gives_up(monkeypatch):
+    import asyncio
+    from types import SimpleNamespace
+
+    from apo_dist import calls as calls_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(calls_module, "asyncio", SimpleNamespace(sleep=clock.sleep))
+    asked = []
+
+    async def flaky():
+        asked.append(clock.now)
+        raise Transient("HTTP 429", retry_after=0.3)
+
+    with pytest.raises(Exception, match="failed 3 times; last error: HTTP 429"):
+        asyncio.run(retry(flaky, max_retries=2))
+    # two waits of Retry-After plus a jitter of at most 0.1 s
+    assert len(asked) == 3 and len(clock.sleeps) == 2 and all(0.3 <= s <= 0.4 for s in clock.sleeps)
 
 
 def test_rate_limiter_spaces_requests(monkeypatch):
