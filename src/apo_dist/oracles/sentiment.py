@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 
-from .base import score_preference
+from .base import TextScorer
 
 
-class SentimentOracle:
+class SentimentOracle(TextScorer):
     """Prefers the continuation whose prompt+completion has the higher VADER compound score.
 
     noise="none": deterministic (equal scores are a tie, label 0.5). noise="bradley_terry": the
@@ -25,7 +25,3 @@ class SentimentOracle:
 
     def score(self, text: str) -> float:
         return self.analyzer.polarity_scores(text)["compound"]
-
-    def compare(self, prompts: list[str], a: list[str], b: list[str]) -> list[dict]:
-        return [score_preference(self, prompt, ca, cb, self.score(prompt + ca), self.score(prompt + cb))
-                for prompt, ca, cb in zip(prompts, a, b)]

@@ -22,15 +22,14 @@ def eval_completions(ctx: RunContext, model_path: str, seed: int) -> pd.DataFram
 
 def completion_scores(oracle_cfg, oracle, prompts: list[str], completions: list[str]) -> np.ndarray | None:
     """The oracle's score of each prompt + completion (shape (n,)), for oracles that score one
-    completion at a time: sentiment, readability, reward_model, and a custom labeller with a
-    `scores(prompts, completions)` attribute (e.g. a callable object with a `scores` method). None
-    for the others (an LLM judge)."""
+    completion at a time: those with `scores(texts)` (sentiment, readability, reward_model), and a
+    custom labeller with a `scores(prompts, completions)` attribute (e.g. a callable object with a
+    `scores` method). None for the others (an LLM judge)."""
     texts = [p + c for p, c in zip(prompts, completions)]
-    if oracle_cfg.kind in ("sentiment", "readability"):
-        return np.array([oracle.score(t) for t in texts], dtype=float)
-    if oracle_cfg.kind == "reward_model":
-        return np.array(oracle.scores(texts), dtype=float)
-    scores = getattr(getattr(oracle, "fn", None), "scores", None) if oracle_cfg.kind == "custom" else None
+    if oracle_cfg.kind != "custom":
+        scores = getattr(oracle, "scores", None)
+        return None if scores is None else np.array(scores(texts), dtype=float)
+    scores = getattr(getattr(oracle, "fn", None), "scores", None)
     if scores is None:
         return None
     out = np.asarray(list(scores(prompts, completions)), dtype=float)
