@@ -184,6 +184,17 @@ class OracleConfig:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA adapters (peft) instead of full fine-tuning: rank 0 = off. The policy of a round is then an
+    adapter on the SFT model; the reference is that model with the adapter disabled."""
+    rank: int = 0
+    alpha: float = 16.0  # the adapter's update is scaled by alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    save_merged: bool = False  # also write the merged weights to the round's policy/merged/
+
+
+@dataclass
 class TrainingConfig:
     beta: float = 0.1
     lr: float = 1e-5
@@ -196,6 +207,7 @@ class TrainingConfig:
     max_grad_norm: float = 10.0
     weight_decay: float = 0.0
     checkpoint_every_steps: int = resumable(50)  # mid-round checkpoint (model + optimizer) for resume; 0 = off
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass
@@ -397,6 +409,13 @@ def validate(cfg: DictConfig) -> None:
            f"takes micro-batches of the same size")
     _check(cfg.training.max_grad_norm > 0, "training.max_grad_norm", "must be > 0")
     _check(cfg.training.checkpoint_every_steps >= 0, "training.checkpoint_every_steps", "must be >= 0 (0 = off)")
+    lora = cfg.training.lora
+    _check(lora.rank >= 0, "training.lora.rank", "must be >= 0 (0 = full fine-tuning)")
+    if lora.rank:
+        _check(lora.alpha > 0, "training.lora.alpha", "must be > 0")
+        _check(0 <= lora.dropout < 1, "training.lora.dropout", "must be in [0, 1)")
+        _check(len(lora.target_modules) > 0 and all(isinstance(m, str) and m for m in lora.target_modules),
+               "training.lora.target_modules", "must name at least one module (e.g. [q_proj, v_proj])")
     _check(cfg.eval.temperature >= 0, "eval.temperature", "must be >= 0 (0 = greedy)")
     _validate_eval_sampling(cfg)
     _validate_eval_reference(cfg)

@@ -5,6 +5,9 @@ and training see exactly the tokens that were sampled; text is only for the orac
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -33,9 +36,30 @@ def training_forward(mixed_precision: str, deepspeed: bool = False) -> tuple[str
     return ("bfloat16", None) if deepspeed else ("float32", torch.bfloat16)
 
 
+ADAPTER_CONFIG = "adapter_config.json"  # what makes a policy folder a LoRA adapter (peft's layout)
+
+
+def is_adapter(path: str | Path) -> bool:
+    """Whether `path` holds a LoRA adapter (training.lora) rather than full weights."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The full model an adapter folder was trained on (the SFT model)."""
+    return json.loads((Path(path) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+
+
 def load_model(path: str, dtype: str = "float32", device: str | torch.device | None = None):
-    """The causal LM at `path` in `dtype`, on `device` (default: this process's, devices.process_device)."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    """The causal LM at `path` in `dtype`, on `device` (default: this process's, devices.process_device).
+    An adapter folder gives a peft PeftModel: its base model with the adapter attached (not merged),
+    so that `model.disable_adapter()` turns it back into the base model."""
+    if is_adapter(path):
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=DTYPES[dtype])
+        model = PeftModel.from_pretrained(base, path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     return model.to(devices.process_device() if device is None else device)
 
 
