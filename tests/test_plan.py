@@ -224,3 +224,139 @@ def test_dry_run_checks_the_pool_against_the_data(tmp_path, capsys):
     assert main(["run", imdb, "--dry-run", "data.source=tldr", "data.reuse_prompts=false",
                  "eval.reference=sft"]) == 0
     assert "holds at most 116,722 rows" in capsys.readouterr().out
+
+
+# ---- LoRA (training.lora): adapter parameters, training state per rank, weight sync ----
+
+def zero_config(tmp_path, stage: int) -> str:
+    """An accelerate config asking DeepSpeed for ZeRO `stage` (launch/accelerate/zero3.yaml's layout)."""
+    path = tmp_path / f"zero{stage}.yaml"
+    path.write_text(f"distributed_type: DEEPSPEED\nnum_processes: 2\ndeepspeed_config:\n  zero_stage: {stage}\n")
+    return str(path)
+
+
+def test_lora_adapter_params_by_hand(small):
+    # hidden 64, intermediate 128, 2 layers, 2 heads of 32 (no GQA): A [r, in] + B [out, r] per projection
+    qkvo = plan.lora_adapter(load_config(small, ["training.lora.rank=4"]))
+    assert qkvo["modules"] == {"q_proj": 4 * (64 + 64) * 2, "k_proj": 4 * (64 + 64) * 2,
+                               "v_proj": 4 * (64 + 64) * 2, "o_proj": 4 * (64 + 64) * 2}
+    assert qkvo["params"] == 4096 and "config.json" in qkvo["note"]
+    mlp = plan.lora_adapter(load_config(small, ["training.lora.rank=4",
+                                                "training.lora.target_modules=[gate_proj,up_proj,down_proj]"]))
+    assert mlp["params"] == 3 * 4 * (64 + 128) * 2
+    assert plan.lora_adapter(load_config(small)) is None  # rank 0: full fine-tuning
+    # Llama-2-70B (grouped-query attention: 8 kv heads of 128), r = 16 on q, k, v, o: 80 layers of
+    # 16 (8192 + 8192) twice (q, o) and 16 (8192 + 1024) twice (k, v)
+    big = plan.lora_adapter(load_config(small, ["model.policy=meta-llama/Llama-2-70b-hf", "training.lora.rank=16"]))
+    assert big["params"] == 80 * 16 * (2 * (8192 + 8192) + 2 * (8192 + 1024)) == 65_536_000
+
+
+@pytest.mark.parametrize("heads, kv_heads, targets", [
+    (2, 2, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    (4, 2, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),  # GQA
+    (4, 1, ["v_proj", "down_proj"])])
+def test_lora_adapter_params_match_peft(tmp_path, heads, kv_heads, targets):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16)
+    config.save_pretrained(tmp_path)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    trainable, _ = model.get_nb_trainable_parameters()
+    cfg = load_config(CONFIGS / "quickstart.yaml", [f"model.policy={tmp_path}", "training.lora.rank=8",
+                                                     f"training.lora.target_modules=[{','.join(targets)}]"])
+    assert plan.lora_adapter(cfg)["params"] == trainable
+
+
+def test_lora_adapter_of_the_tiny_model_matches_peft(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from apo_dist.models import load_model
+
+    cfg = load_config(CONFIGS / "quickstart.yaml", [f"model.policy={tiny_model_dir}", "training.lora.rank=8"])
+    peft_model = get_peft_model(load_model(str(tiny_model_dir), device="cpu"),
+                                LoraConfig(r=8, lora_alpha=16, target_modules=list(cfg.training.lora.target_modules)))
+    assert plan.lora_adapter(cfg)["params"] == peft_model.get_nb_trainable_parameters()[0] == 8 * 256 * 4 * 2
+
+
+def test_lora_unknown_targets_or_shape_are_a_note(small, tmp_path, capsys):
+    odd = load_config(small, ["training.lora.rank=4", "training.lora.target_modules=[q_proj,c_attn]"])
+    a = plan.lora_adapter(odd)
+    assert a["params"] is None and "training.lora.target_modules c_attn not among the projections" in a["note"]
+    gpt2 = plan.lora_adapter(load_config(small, ["model.policy=gpt2-large", "training.lora.rank=4"]))
+    assert gpt2["params"] is None and "adapter size unknown" in gpt2["note"] and "not a known model" in gpt2["note"]
+    w = plan.plan(odd)["weights"]
+    assert w["lora"] is None and w["full"]["trainable"] == TINY_PARAMS  # the full figures still stand
+    assert main(["run", str(small), "--dry-run", "--run-dir", str(tmp_path / "r"), "training.lora.rank=4",
+                 "training.lora.target_modules=[q_proj,c_attn]"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA r=4 (q_proj, c_attn): adapter size unknown: training.lora.target_modules c_attn" in out
+    assert "| full fine-tuning |" in out and "| LoRA r=4" not in out
+
+
+def test_training_state_and_sync_by_hand(small, tmp_path):
+    P, A = TINY_PARAMS, 4096  # the model; the r = 4 q, k, v, o adapter above
+    # one process, fp32: weights, gradients and two Adam moments in fp32 (16 bytes a trained parameter)
+    w = plan.plan(load_config(small, ["training.lora.rank=4"]))["weights"]
+    assert (w["zero"], w["width"], w["ranks"]) == (None, 4, 1)
+    assert w["full"] == {"trainable": P, "optimizer_bytes": 8 * P, "rank_bytes": 16 * P, "sync_bytes": 4 * P,
+                         "sync_s": pytest.approx(2 * 4 * P / 2e9)}
+    assert w["lora"] == {"trainable": A, "optimizer_bytes": 8 * A, "rank_bytes": 4 * P + 16 * A,
+                         "sync_bytes": 4 * A, "sync_s": pytest.approx(2 * 4 * A / 2e9)}
+    two = ["training.lora.rank=4", "training.mixed_precision=bf16", "launcher.training_processes=2",
+           "training.micro_batch_size=2"]
+    # DeepSpeed bf16: bf16 weights and gradients, fp32 master weights + moments (12 bytes); ZeRO-3 shards it all
+    w3 = plan.plan(load_config(small, [*two, f"launcher.accelerate_config={zero_config(tmp_path, 3)}"]))["weights"]
+    assert (w3["zero"], w3["width"], w3["ranks"]) == (3, 2, 2)
+    assert w3["full"]["rank_bytes"] == (2 * P + 2 * P + 12 * P) / 2 and w3["full"]["optimizer_bytes"] == 12 * P
+    assert w3["lora"]["rank_bytes"] == (2 * P + 2 * A + 2 * A + 12 * A) / 2 and w3["lora"]["sync_bytes"] == 2 * A
+    # ZeRO-2 keeps the weights whole on every rank and shards gradients and optimizer state
+    w2 = plan.plan(load_config(small, [*two, f"launcher.accelerate_config={zero_config(tmp_path, 2)}"]))["weights"]
+    assert w2["full"]["rank_bytes"] == 2 * P + (2 * P + 12 * P) / 2
+    assert w2["lora"]["rank_bytes"] == 2 * (P + A) + (2 * A + 12 * A) / 2
+    # without DeepSpeed, bf16 mixed precision autocasts fp32 weights: nothing changes from fp32
+    ddp = plan.plan(load_config(small, two))["weights"]
+    assert (ddp["width"], ddp["lora"]["rank_bytes"]) == (4, 4 * P + 16 * A)
+
+
+def test_zero_stage_from_a_deepspeed_config_file(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    acc = tmp_path / "acc.yaml"
+    acc.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {ds}\n")
+    assert plan.zero_stage(str(acc)) == 2
+    assert plan.zero_stage(str(ROOT / "launch" / "accelerate" / "zero3.yaml")) == 3
+    assert plan.zero_stage(str(ROOT / "launch" / "accelerate" / "ddp.yaml")) is None
+    assert plan.zero_stage("") is None
+
+
+def test_dry_run_prints_full_and_lora_state(small, tmp_path, capsys):
+    assert main(["run", str(small), "--dry-run", "--run-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    # 88,320 parameters: 8 bytes each of Adam moments (690 KiB), 16 in all (1.35 MiB), 4 synced (345 KiB)
+    assert "| full fine-tuning | 88.3k | 690 KiB | 1.35 MiB | 345 KiB (the policy) |" in out and "| LoRA" not in out
+    assert main(["run", str(small), "--dry-run", "--run-dir", str(tmp_path / "r"), "training.lora.rank=4"]) == 0
+    out = capsys.readouterr().out
+    # 4,096 adapter parameters: 32 KiB of moments; 4 x 88,320 frozen + 16 x 4,096 = 409 KiB; 16 KiB synced
+    assert ("| LoRA r=4 (q_proj, k_proj, v_proj, o_proj) | 4.1k (4.64%) | 32 KiB | 409 KiB "
+            "| 16 KiB (the adapter) |") in out
+    assert "q_proj 1.02k, k_proj 1.02k, v_proj 1.02k, o_proj 1.02k" in out
+
+
+def test_scaling_rows_count_lora_beside_full_fine_tuning():
+    path = str(CONFIGS / "paper_imdb.yaml")
+    seven, seventy = plan.scaling_rows(path, sizes=("7B", "70B"), scales=(1,))
+    adapter7 = 32 * 16 * 4 * (4096 + 4096)  # r = 16 on q, k, v, o; no GQA
+    w = seven["weights"]
+    assert (w["zero"], w["width"], w["ranks"]) == (3, 2, 8)
+    assert w["full"]["rank_bytes"] == 16 * 7e9 / 8 and w["full"]["sync_bytes"] == 2 * 7e9
+    assert w["lora"]["trainable"] == adapter7 and w["lora"]["rank_bytes"] == (2 * 7e9 + 16 * adapter7) / 8
+    assert w["lora"]["sync_bytes"] == 2 * adapter7 and w["lora"]["optimizer_bytes"] == 12 * adapter7
+    w = seventy["weights"]
+    assert w["lora"]["trainable"] == 65_536_000 and w["full"]["sync_s"] == pytest.approx(2 * 140e9 / 2e9)
+    assert plan.gpus_for_state(w["full"]["rank_bytes"] * 32) == 19  # 1.12 TB of state
+    assert plan.gpus_for_state(w["lora"]["rank_bytes"] * 32) == 3  # 140 GB of frozen bf16 weights
+    table = "\n".join(plan.scaling_weights_table([seven, seventy]))
+    assert "| 70B | LoRA r=16 | 65.5M (0.09%) | 750 MiB | 4.11 GiB | 3 | 125 MiB | 0.13 s |" in table
+    assert "| 70B | full | 70B | 782 GiB | 32.6 GiB | 19 | 130 GiB | 2.3 min |" in table

@@ -65,3 +65,58 @@ def test_rehearsal_of_an_infeasible_config_fails_before_building(tmp_path, monke
     assert main(["run", str(CONFIGS / "paper_imdb.yaml"), "--rehearse", "data.reuse_prompts=false"]) == 2
     assert "config key 'acquisition.labels_per_round'" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+# ---- training.lora: the saved adapter beside the plan's count ----
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+    from apo_dist.rehearsal import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("stand_in") / "policy", seed=0, max_positions=64)
+
+
+def test_saved_policy_counts_a_peft_adapter_and_full_weights(stand_in, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from apo_dist.rehearsal import mismatches, saved_policy
+
+    cfg = load_config(CONFIGS / "paper_tldr.yaml", [f"model.policy={stand_in}", "training.lora.rank=4",
+                                                     "training.lora.target_modules=[q_proj,v_proj,down_proj]"])
+    p = plan.plan(cfg)
+    model = AutoModelForCausalLM.from_pretrained(stand_in)
+    full = saved_policy(stand_in)
+    assert not full["adapter"] and full["params"] == model.num_parameters()  # tied embeddings stored once
+    assert mismatches(p, {"rounds": [], "policy": full}) == [f"policy {stand_in}: full weights, not a LoRA adapter"]
+    for rank, expected in ((4, []), (2, [f"adapter params: {p['weights']['adapter']['params'] // 2:,.0f} "
+                                         f"(plan {p['weights']['adapter']['params']:,.0f})"])):
+        folder = tmp_path / f"adapter_r{rank}"
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(stand_in),
+                                    LoraConfig(r=rank, target_modules=["q_proj", "v_proj", "down_proj"]))
+        peft_model.save_pretrained(folder)
+        saved = saved_policy(folder)
+        assert saved["adapter"] and saved["params"] == peft_model.get_nb_trainable_parameters()[0]
+        assert saved["bytes"] == (folder / "adapter_model.safetensors").stat().st_size
+        assert mismatches(p, {"rounds": [], "policy": saved}) == expected
+
+
+def test_lora_rehearsal_saves_adapters_of_the_planned_size(tmp_path, monkeypatch, capsys):
+    from apo_dist.rehearsal import saved_policy
+
+    monkeypatch.chdir(tmp_path)
+    lora = ["training.lora.rank=8", "training.lora.target_modules=[q_proj,v_proj,gate_proj]", "loop.rounds=2",
+            "data.n_eval=128", "data.reuse_prompts=false"]  # 2 rounds on ~2,300 synthetic prompts: quicker
+    assert main(["run", str(CONFIGS / "paper_tldr.yaml"), "--rehearse", "--no-progress", *lora]) == 0
+    out = capsys.readouterr().out
+    rd = RunDir(tmp_path / "runs" / "paper_tldr_rehearsal")
+    cfg = from_yaml_text(rd.config_path.read_text())
+    adapter = plan.lora_adapter(cfg)["params"]
+    assert adapter == 8 * ((32 + 32) + (32 + 32) + (32 + 64))  # the stand-in's one layer: hidden 32, MLP 64
+    for r in range(2):
+        saved = saved_policy(rd.path("policy", r))
+        assert saved["adapter"] and saved["params"] == adapter
+    assert "training.lora rank 8 on q_proj, v_proj, gate_proj (of the stand-in)" in out
+    assert "| LoRA r=8 (q_proj, v_proj, gate_proj) | 1.79k" in out
+    assert f"saved policy of round 1: a LoRA adapter, {adapter:,.0f} parameters" in out
+    assert "counts: all 20 as planned, the LoRA adapter's parameters, pool prompt ids unique" in out

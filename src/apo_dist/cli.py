@@ -53,9 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     report = sub.add_parser("report", help="write report.md and winrate.png for a run")
     report.add_argument("run_dir")
 
-    export = sub.add_parser("export-labels", help="write every answer of a label store to a parquet file")
+    export = sub.add_parser("export-labels", help="write a label store's answers to a parquet or JSON lines file: "
+                            "as stored, or as preference pairs (prompt, chosen, rejected) for DPO trainers")
     export.add_argument("store", help="a labels.sqlite (a run's, or a shared oracle.store) or a postgresql:// URL")
-    export.add_argument("out", help="output .parquet (load with datasets.load_dataset('parquet', data_files=OUT))")
+    export.add_argument("out", help="output .parquet or .jsonl (load with datasets.load_dataset('parquet' or "
+                        "'json', data_files=OUT))")
+    export.add_argument("--format", default="raw", help="raw (default): every row as stored; preference: prompt, "
+                        "chosen, rejected, p_chosen, oracle, key per answered comparison (ties and unlabelable "
+                        "ones left out)")
+    export.add_argument("--keep-ties", action="store_true", help="with --format preference: keep ties "
+                        "(p_chosen 0.5, chosen and rejected in the store's order)")
 
     migrate = sub.add_parser("migrate-labels", help="copy every row of a SQLite label store into a PostgreSQL one "
                              "(rows already there are skipped: running it again copies nothing twice)")
@@ -335,17 +342,32 @@ def cmd_report(args) -> int:
 
 def cmd_export_labels(args) -> int:
     from .oracles.store import StoreError, open_store
-    from .rundir import write_table
+    """The store's labels as stored (raw) or as preference pairs (export.py); 2 with one line on bad input."""
+    from .export import FORMATS, ExportError, check_out, preference_rows, write_rows
 
     try:
+    out = Path(args.out)
         store = open_store(args.store, readonly=True)
-    except StoreError as e:  # no store, not a store, a store from a newer apo-dist, an unreachable server
+        if args.format not in FORMATS:
+            raise ExportError(f"--format {args.format}: one of {', '.join(FORMATS)}")
+        if args.keep_ties and args.format != "preference":
+            raise ExportError("--keep-ties goes with --format preference")
+        check_out(out)
+        try:
+            table = store.export()
+        finally:
+            store.close()
+        if args.format == "preference":
+            table, left_out = preference_rows(table, args.keep_ties)
+        write_rows(out, table)
+    except (ExportError, StoreError) as e:  # StoreError: no store, not a store, a newer store, no server
         print(e, file=sys.stderr)
         return 2
-    table = store.export()
-    store.close()
-    write_table(Path(args.out), table)
-    print(f"{len(table)} answers -> {args.out}")
+    if args.format == "raw":
+        print(f"{len(table)} answers -> {args.out}")
+    else:
+        ties = "" if args.keep_ties else f", {left_out['ties']} ties"
+        print(f"{len(table)} preference pairs -> {args.out} (left out: {left_out['unlabelable']} unlabelable{ties})")
     return 0
 
 

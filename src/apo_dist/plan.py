@@ -1,4 +1,5 @@
-"""Plan a run before starting it: per-round counts, tokens, FLOPs, GPUs, time and judge cost.
+"""Plan a run before starting it: per-round counts, tokens, FLOPs, GPUs, time and judge cost, and
+the training state per rank and weight sync of a round (full fine-tuning, and LoRA's adapter).
 
 Pure functions of a resolved config: no model is loaded, no GPU touched, nothing fetched. The
 counts are the stages' own (counts.py); tokens, FLOPs and times are estimates under the
@@ -67,6 +68,9 @@ H100 = {
 JUDGE = {"template_tokens": 150, "output_tokens": {"text": 40, "logprob": 1},
          "latency_s": {"text": 3.0, "logprob": 1.0}}
 
+# Weight sync: the trainer writes the round's policy and generation reads it back (a shared filesystem).
+SYNC_BYTES_PER_S = 2e9
+
 ASSUMPTIONS = [
     "prompt length: mean of data.prompt_min/max_tokens for imdb/movie_reviews/fortunes prompts, else "
     "data.max_prompt_tokens (an upper bound); completions: generation.max_new_tokens (an upper bound "
@@ -84,7 +88,17 @@ ASSUMPTIONS = [
     f"{JUDGE['output_tokens']['text']} tokens out (text; 1 for logprob), {JUDGE['latency_s']['text']:.0f} s "
     "per request (1 s logprob), oracle.max_concurrency in flight; no re-asks or retries counted",
     "GPUs held: generation GPUs (vLLM engines stay resident) + max(scoring, training) ranks; "
-    "model loading, vLLM start-up and weight reloads not counted",
+    "model loading, vLLM start-up and weight reloads not counted in the times",
+    "training state: per trained parameter its weight and gradient in the trainer's dtype (bf16 under DeepSpeed "
+    "with bf16 mixed precision, else fp32) and AdamW's two fp32 moments, plus fp32 master weights when the "
+    "weights are bf16 (16 bytes either way); LoRA's frozen base weights in the trainer's dtype; sharded as the "
+    "ZeRO stage of launcher.accelerate_config says; activations, buffers and the CUDA context not counted",
+    f"weight sync per round: the trainer writes the round's policy (the full weights, or with training.lora "
+    f"only the adapter) and generation reads it back, each at {SYNC_BYTES_PER_S / 1e9:.0f} GB/s (a shared "
+    "filesystem; not measured), beside the round times, not in them",
+    "LoRA: r (in + out) adapter parameters per targeted projection and layer, from the model's config.json (or "
+    "a known Llama shape); training FLOPs and times as for full fine-tuning, an upper bound (the frozen "
+    "weights need no weight gradients: ~4 N instead of 6 N per token); vLLM's LoRA kernels not modelled",
     "feature functions (epistemic, thompson, diverse, diverse_certainty): the scoring pass also scores the "
     "labels of earlier rounds under the policy (2 sequences each, no reference pass) and stores k float32 "
     "features per completion; selecting is numpy work on the coordinator's CPU (acquisition_ops, "
@@ -93,14 +107,20 @@ ASSUMPTIONS = [
 ]
 
 
+def _hf_config(policy: str) -> tuple[str, Path, dict | None]:
+    """(name without the asset prefix, its config.json path, the config or None when not a local folder)."""
+    name = policy[len(ASSET_PREFIX):] if policy.startswith(ASSET_PREFIX) else policy
+    path = Path(name).expanduser() / "config.json"
+    return name, path, json.loads(path.read_text()) if path.is_file() else None
+
+
 def model_params(policy: str) -> tuple[float | None, str]:
     """(parameters, where the number came from) for a model path, asset or hub id; None if unknown."""
-    name = policy[len(ASSET_PREFIX):] if policy.startswith(ASSET_PREFIX) else policy
-    folder = Path(name).expanduser()
-    if (folder / "config.json").is_file():
-        n = _params_from_hf_config(json.loads((folder / "config.json").read_text()))
+    name, path, config = _hf_config(policy)
+    if config:
+        n = _params_from_hf_config(config)
         if n:
-            return n, f"from {folder / 'config.json'}"
+            return n, f"from {path}"
     key = name.lower()
     if key in KNOWN_PARAMS:
         return KNOWN_PARAMS[key], "known size"
@@ -123,6 +143,119 @@ def _params_from_hf_config(c: dict) -> float | None:
     mlp = 3 * d * ff if "intermediate_size" in c else 2 * d * ff  # gated (llama-style) or plain
     tied = c.get("tie_word_embeddings", True)
     return float(vocab * d * (1 if tied else 2) + layers * (2 * d * d + 2 * d * kv + mlp))
+
+
+# Shapes (config.json) of the Llama-style models the configs and docs name, for LoRA's adapter count
+# where no local config.json is at hand: hidden and intermediate size, layers, heads, kv heads, head size.
+KNOWN_SHAPES = {
+    "smollm2-135m-instruct": (576, 1536, 30, 9, 3, 64),
+    "huggingfacetb/smollm2-135m-instruct": (576, 1536, 30, 9, 3, 64),
+    "meta-llama/llama-3.2-1b": (2048, 8192, 16, 32, 8, 64),
+    "meta-llama/llama-2-7b-hf": (4096, 11008, 32, 32, 32, 128),
+    "meta-llama/llama-2-70b-hf": (8192, 28672, 80, 64, 8, 128),
+}
+SHAPE_KEYS = ("hidden", "intermediate", "layers", "heads", "kv_heads", "head_dim")
+
+
+def model_shape(policy: str) -> tuple[dict | None, str]:
+    """(shape, where it came from) of a Llama-style model: SHAPE_KEYS from its config.json, else
+    KNOWN_SHAPES; None when neither has it (or the config has no intermediate_size: not gated)."""
+    name, path, c = _hf_config(policy)
+    needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    if c and all(c.get(k) for k in needed):
+        d, heads = c["hidden_size"], c["num_attention_heads"]
+        return dict(zip(SHAPE_KEYS, (d, c["intermediate_size"], c["num_hidden_layers"], heads,
+                                     c.get("num_key_value_heads") or heads, c.get("head_dim") or d // heads))), \
+            f"from {path}"
+    if name.lower() in KNOWN_SHAPES:
+        return dict(zip(SHAPE_KEYS, KNOWN_SHAPES[name.lower()])), "of a known model"
+    return None, f"no config.json with a Llama-style shape at {path.parent} and not a known model"
+
+
+def projection_widths(shape: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear projection of a Llama-style layer (peft's module names)."""
+    d, ff = shape["hidden"], shape["intermediate"]
+    q, kv = shape["heads"] * shape["head_dim"], shape["kv_heads"] * shape["head_dim"]
+    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+            "gate_proj": (d, ff), "up_proj": (d, ff), "down_proj": (ff, d)}
+
+
+def lora_adapter(cfg) -> dict | None:
+    """training.lora's adapter (None when rank is 0: full fine-tuning): per targeted projection of
+    every layer, A [r, in] and B [out, r], r (in + out) parameters. `modules` maps each target to its
+    parameters over all layers; `params` is their sum, None (with a `note`) when the model's shape
+    or a target's name is unknown."""
+    lora = cfg.training.lora
+    if not lora.rank:
+        return None
+    out = {"rank": lora.rank, "targets": list(lora.target_modules), "modules": {}, "params": None, "note": ""}
+    shape, where = model_shape(cfg.model.policy)
+    if shape is None:
+        out["note"] = f"adapter size unknown: {where}"
+        return out
+    widths = projection_widths(shape)
+    unknown = [m for m in lora.target_modules if m not in widths]
+    if unknown:
+        out["note"] = (f"adapter size unknown: training.lora.target_modules {', '.join(unknown)} not among the "
+                       f"projections the plan counts ({', '.join(widths)})")
+        return out
+    out["modules"] = {m: lora.rank * sum(widths[m]) * shape["layers"] for m in lora.target_modules}
+    out["params"] = float(sum(out["modules"].values()))
+    out["note"] = f"shape {where}"
+    return out
+
+
+# ZeRO stage -> the parts of the training state sharded over the training ranks
+ZERO_SHARDED = {None: (), 0: (), 1: ("optimizer",), 2: ("optimizer", "grads"), 3: ("optimizer", "grads", "weights")}
+
+
+def zero_stage(accelerate_config: str) -> int | None:
+    """The DeepSpeed ZeRO stage of an accelerate config file (None: not DeepSpeed, or no config):
+    deepspeed_config.zero_stage, or zero_optimization.stage of its deepspeed_config_file."""
+    if not accelerate_config or not Path(accelerate_config).expanduser().is_file():
+        return None
+    acc = OmegaConf.to_container(OmegaConf.load(Path(accelerate_config).expanduser()))
+    if acc.get("distributed_type") != "DEEPSPEED":
+        return None
+    ds = acc.get("deepspeed_config") or {}
+    if ds.get("deepspeed_config_file"):
+        file = Path(ds["deepspeed_config_file"]).expanduser()
+        return json.loads(file.read_text()).get("zero_optimization", {}).get("stage", 0) if file.is_file() else 0
+    return int(ds.get("zero_stage", 0))
+
+
+def state_bytes(frozen: float, trainable: float, width: int) -> dict:
+    """Training state by part: weights (frozen and trainable, `width` bytes each), gradients of the
+    trainable ones, and AdamW's optimizer state: two fp32 moments, plus fp32 master weights when the
+    weights themselves are 16-bit (DeepSpeed bf16). Activations and buffers are not counted."""
+    return {"weights": (frozen + trainable) * width, "grads": trainable * width,
+            "optimizer": trainable * (8 + (4 if width < 4 else 0))}
+
+
+def weight_figures(cfg, params: float | None, zero: int | None) -> dict:
+    """One round's training state per rank and weight sync, for full fine-tuning and (training.lora.rank
+    > 0) for the LoRA adapter: base weights frozen, only the adapter trained, saved and synced.
+
+    Weights in the trainer's dtype (models.training_forward: bf16 under DeepSpeed with bf16 mixed
+    precision, else fp32); `zero`: the ZeRO stage (zero_stage; None without DeepSpeed).
+    Each of "full" and "lora": trainable params, optimizer bytes, bytes per training rank, bytes
+    synced per round and their seconds (SYNC_BYTES_PER_S, written once and read back); None when
+    the sizes are unknown."""
+    width = 2 if cfg.training.mixed_precision == "bf16" and zero is not None else 4
+    ranks = cfg.launcher.training_processes
+
+    def figures(frozen: float, trainable: float) -> dict:
+        state = state_bytes(frozen, trainable, width)
+        per_rank = sum(v / ranks if part in ZERO_SHARDED[zero] else v for part, v in state.items())
+        sync = trainable * width
+        return {"trainable": trainable, "optimizer_bytes": state["optimizer"], "rank_bytes": per_rank,
+                "sync_bytes": sync, "sync_s": 2 * sync / SYNC_BYTES_PER_S}
+
+    adapter = lora_adapter(cfg)
+    counted = adapter is not None and adapter["params"] is not None and params is not None
+    lora = figures(params, adapter["params"]) if counted else None
+    return {"zero": zero, "ranks": ranks, "width": width, "full": None if params is None else figures(0.0, params),
+            "adapter": adapter, "lora": lora}
 
 
 def lengths(cfg) -> dict:
@@ -335,6 +468,7 @@ def plan(cfg, run_dir: str | None = None) -> dict:
     return {
         "name": cfg.name, "run_dir": run_dir, "policy": cfg.model.policy, "params": params,
         "params_from": params_from, "lengths": lens, "gpus": gpus, "rounds": rounds, "eval_reference": eval_ref,
+        "weights": weight_figures(cfg, params, zero_stage(cfg.launcher.accelerate_config)),
         "totals": {
             "labels": sum(rd["labels"] for rd in rounds),
             "judge_requests": sum(rd["requests"] for rd in rounds),
@@ -507,6 +641,7 @@ def format_plan(p: dict, cfg) -> str:
             if ref["sequences"] else "takes the dataset's references")
     lines += ["", f"stages of round {last['round']} (the last; before round 0, eval_reference {once}):", ""]
     lines += stage_table(last["stages"])
+    lines += ["", *weights_table(p["weights"])]
     t = p["totals"]
     gpu_hours = "?" if t["gpu_hours"] is None else f"{t['gpu_hours']:.1f}"
     lines += [
@@ -520,6 +655,46 @@ def format_plan(p: dict, cfg) -> str:
         *[f"- {x}" for x in ASSUMPTIONS],
     ]
     return "\n".join(lines)
+
+
+SHARDING = {None: "no DeepSpeed: each rank holds all of it", 0: "ZeRO-0: each rank holds all of it",
+            1: "ZeRO-1: the optimizer state sharded over the {} ranks",
+            2: "ZeRO-2: gradients and optimizer state sharded over the {} ranks",
+            3: "ZeRO-3: weights, gradients and optimizer state sharded over the {} ranks"}
+
+
+def weights_cells(f: dict, full: dict) -> tuple[str, ...]:
+    """A weight_figures entry as table cells: trainable params (share of the full model's), optimizer
+    state, bytes per training rank, bytes synced per round, sync time."""
+    share = "" if f is full else f" ({f['trainable'] / full['trainable']:.2%})"
+    seconds = fmt_seconds(f["sync_s"]) if f["sync_s"] >= 1 else f"{f['sync_s']:.2g} s"
+    return (fmt_count(f["trainable"]).replace("G", "B") + share, fmt_bytes(f["optimizer_bytes"]),
+            fmt_bytes(f["rank_bytes"]), fmt_bytes(f["sync_bytes"]), seconds)
+
+
+def weights_table(w: dict) -> list[str]:
+    """Markdown: the training state per rank and the weight sync of a round (weight_figures), full
+    fine-tuning and, with training.lora, the adapter; then the adapter's parameters by projection."""
+    lines = [f"training state per rank and weight sync per round (weights {'bf16' if w['width'] == 2 else 'fp32'}, "
+             f"AdamW state fp32; {SHARDING[w['zero']].format(w['ranks'])}; activations not counted):", ""]
+    if w["full"] is None:
+        return lines + ["- parameter count unknown: no training state or sync estimated"]
+    lines += ["| training | trainable params | optimizer state | per training rank | synced per round | sync time |",
+              "|---|---:|---:|---:|---:|---:|"]
+    rows = [("full fine-tuning", w["full"], "the policy")]
+    a = w["adapter"]
+    name = a and f"LoRA r={a['rank']} ({', '.join(a['targets'])})"
+    if w["lora"]:
+        rows.append((name, w["lora"], "the adapter"))
+    for label, f, what in rows:
+        trainable, optimizer, per_rank, synced, seconds = weights_cells(f, w["full"])
+        lines.append(f"| {label} | {trainable} | {optimizer} | {per_rank} | {synced} ({what}) | {seconds} |")
+    if a and a["params"] is None:
+        lines += ["", f"{name}: {a['note']}"]
+    elif a:
+        modules = ", ".join(f"{m} {fmt_count(n)}" for m, n in a["modules"].items())
+        lines += ["", f"{name}: {modules}; r (in + out) per projection and layer ({a['note']})"]
+    return lines
 
 
 def stage_table(stages: list[dict]) -> list[str]:
@@ -543,6 +718,7 @@ def stage_table(stages: list[dict]) -> list[str]:
 # docs/scaling.md: policies of nominal size (parameters read from the name) and pool multiples.
 SCALING_POLICIES = {"1B": "meta-llama/Llama-3.2-1B", "7B": "meta-llama/Llama-2-7b-hf",
                     "70B": "meta-llama/Llama-2-70b-hf"}
+SCALING_LORA = ["training.lora.rank=16"]  # the LoRA table's adapter when the config trains full weights
 
 
 def layout(params: float) -> dict:
@@ -558,8 +734,14 @@ def layout(params: float) -> dict:
     tp = 1
     while 2 * params > 0.5 * mem * tp:
         tp *= 2
-    nodes = 2 ** math.ceil(math.log2(math.ceil(16 * params / (0.75 * mem) / per_node)))
+    state = sum(state_bytes(0.0, params, 2).values())  # full fine-tuning in bf16: 16 bytes a parameter
+    nodes = 2 ** math.ceil(math.log2(math.ceil(gpus_for_state(state) / per_node)))
     return {"tp": tp, "servers": nodes * per_node // tp, "ranks": nodes * per_node, "nodes": 2 * nodes}
+
+
+def gpus_for_state(state: float) -> int:
+    """H100s whose memory, 75% of it, holds `state` bytes of training state sharded over them (ZeRO-3)."""
+    return math.ceil(state / (0.75 * H100["memory_bytes"]))
 
 
 def scaling_overrides(size: str, scale: int, cfg) -> list[str]:
@@ -588,8 +770,10 @@ def scaling_rows(path: str, sizes=("1B", "7B", "70B"), scales=(1, 10, 100), over
             first, last = p["rounds"][0], p["rounds"][-1]
             judge = cfg.oracle
             lat = JUDGE["latency_s"][judge.answer]
+            lora = cfg if cfg.training.lora.rank else load_config(path, [*overrides, *extra, *SCALING_LORA])
             rows.append({"size": size, "scale": scale, "overrides": extra, "layout": layout(p["params"]),
                          "params": p["params"], "gpus": p["gpus"], "first": first, "last": last,
+                         "weights": weight_figures(lora, p["params"], zero=3),  # the layout's ZeRO-3 ranks
                          "judge_rate_per_s": judge.max_concurrency / lat if judge.kind == "llm_judge" else None})
     return rows
 
@@ -629,7 +813,31 @@ def format_scaling(rows: list[dict], path: str) -> str:
         out.append(f"| {row['size']} | {row['scale']}x | {labels['requests']} | {evals['requests']} | {rate} "
                    f"| {last['requests'] / last['h100_s'] * 60:.0f} | {fmt_dollars(last['cost'])} "
                    f"| {last['h100_s'] * row['gpus']['held'] / 3600:.1f} |")
-    return "\n".join(out)
+    return "\n".join(out + ["", *scaling_weights_table(rows)])
+
+
+def scaling_weights_table(rows: list[dict]) -> list[str]:
+    """docs/scaling.md's training state and weight sync, full fine-tuning beside LoRA, once per policy
+    (they do not depend on the pool): ZeRO-3 over the layout's ranks, bf16 weights."""
+    first = rows[0]["weights"]["adapter"]
+    out = [f"Training state and weight sync per round, full fine-tuning beside LoRA (r = {first['rank']} on "
+           f"{', '.join(first['targets'])}), bf16 weights sharded by ZeRO-3 over the layout's ranks; the GPUs "
+           "the state needs (75% of 80 GB each); the sync beside the last round at the smallest pool:", "",
+           "| policy | training | trainable params | optimizer state | per GPU | GPUs needed | synced per round "
+           "| sync time | last round |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        if row["scale"] != rows[0]["scale"]:
+            continue
+        w = row["weights"]
+        for label, f in (("full", w["full"]), (f"LoRA r={w['adapter']['rank']}", w["lora"])):
+            if f is None:  # an adapter the plan cannot count
+                out.append(f"| {row['size']} | {label} | {w['adapter']['note']} |" + " |" * 6)
+                continue
+            trainable, optimizer, per_rank, synced, seconds = weights_cells(f, w["full"])
+            out.append(f"| {row['size']} | {label} | {trainable} | {optimizer} | {per_rank} "
+                       f"| {gpus_for_state(f['rank_bytes'] * w['ranks'])} | {synced} | {seconds} "
+                       f"| {fmt_seconds(row['last']['h100_s'])} |")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

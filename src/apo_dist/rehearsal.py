@@ -2,7 +2,8 @@
 configured, on stand-ins that run anywhere, then the plan beside what was measured.
 
 Kept as configured: pool sizes, M, f_p, f_g, N, rounds, data.n_eval, data.reuse_prompts, the
-effective training batch and the ranks per stage (launcher.*_processes). Replaced
+effective training batch, the ranks per stage (launcher.*_processes) and training.lora (an adapter
+of the stand-in's shape). Replaced
 (`rehearsal_config`, a list of config overrides on the loaded config; each is reported):
 
 - the policy (and a distinct reference) by a randomly initialised one-layer Llama (TINY) with a BPE
@@ -17,7 +18,8 @@ effective training batch and the ranks per stage (launcher.*_processes). Replace
   training for one epoch in fp32 without gradient checkpointing (micro-batch as large as the
   effective batch allows); an accelerate config only when it can run here.
 
-`measure` reads the run directory afterwards and `format_report` sets it beside the plan.
+`measure` reads the run directory afterwards (tables, label store, memory, the last round's saved
+policy) and `format_report` sets it beside the plan.
 """
 from __future__ import annotations
 
@@ -237,10 +239,12 @@ def rehearsal_config(cfg, run_dir: str | Path, stand_in: str | None = None):
     if launcher.accelerate_config and not usable:
         overrides["launcher.accelerate_config"] = ""
         notes.append(f"launcher.accelerate_config dropped: {why}")
+    lora = (f", training.lora rank {t.lora.rank} on {', '.join(t.lora.target_modules)} (of the stand-in)"
+            if t.lora.rank else "")
     notes.append(f"kept: M={cfg.acquisition.labels_per_round}, f_p={cfg.acquisition.prompt_factor}, "
                  f"f_g={cfg.acquisition.pair_factor}, N={cfg.scoring.entropy_samples}, {cfg.loop.rounds} rounds, "
                  f"n_eval={d.n_eval}, reuse_prompts={str(d.reuse_prompts).lower()}, ranks: scoring "
-                 f"{launcher.scoring_processes}, training {launcher.training_processes}")
+                 f"{launcher.scoring_processes}, training {launcher.training_processes}{lora}")
     return apply_overrides(cfg, overrides), notes
 
 
@@ -279,9 +283,26 @@ def _rows(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
 
 
+def saved_policy(folder: Path) -> dict:
+    """What a round's saved policy holds, from its safetensors headers: whether it is a LoRA adapter,
+    its parameters and its bytes on disk (the adapter's file, or the full model's; not policy/merged/)."""
+    from safetensors import safe_open
+
+    from .models import ADAPTER_CONFIG
+
+    adapter = (folder / ADAPTER_CONFIG).is_file()
+    files = [folder / "adapter_model.safetensors"] if adapter else sorted(folder.glob("*.safetensors"))
+    params = 0
+    for file in files:
+        with safe_open(file, framework="numpy") as f:
+            params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return {"path": str(folder), "adapter": adapter, "params": params, "bytes": sum(f.stat().st_size for f in files)}
+
+
 def measure(run_dir: str | Path, rounds: int) -> dict:
     """What the run directory holds: rows per table and round, label store size, seconds per stage
-    (the last metrics line of each), peak memory of this process and its children."""
+    (the last metrics line of each), peak memory of this process and its children, and the last
+    round's saved policy (saved_policy)."""
     import pyarrow.parquet as pq
 
     rd = RunDir(run_dir)
@@ -308,12 +329,19 @@ def measure(run_dir: str | Path, rounds: int) -> dict:
     kib = 1024  # ru_maxrss is in KiB on Linux
     return {"rounds": per_round, "store_rows": store_rows, "store_bytes": store_bytes, "seconds": seconds,
             "rss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib,
-            "rss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kib}
+            "rss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kib,
+            "policy": saved_policy(rd.path("policy", rounds - 1))}
 
 
 def mismatches(p: dict, m: dict) -> list[str]:
-    """Every (round, table) whose measured rows differ from the plan, and pools with repeated ids."""
+    """Every (round, table) whose measured rows differ from the plan, pools with repeated ids, and
+    with training.lora a saved policy that is not an adapter of the planned size."""
     out = []
+    adapter, saved = p["weights"]["adapter"], m["policy"]
+    if adapter and not saved["adapter"]:
+        out.append(f"policy {saved['path']}: full weights, not a LoRA adapter")
+    elif adapter and adapter["params"] is not None and saved["params"] != adapter["params"]:
+        out.append(f"adapter params: {saved['params']:,} (plan {adapter['params']:,.0f})")
     for planned, measured in zip(p["rounds"], m["rounds"]):
         r = planned["round"]
         out += [f"round {r} {col}: {measured[col]} (plan {planned[key]})"
@@ -358,11 +386,15 @@ def format_report(p: dict, m: dict, wall_s: float) -> str:
                  for col, key in COLUMNS]
         lines.append(f"| {planned['round']} | " + " | ".join(cells) + " |")
     bound = sum(r["labels"] + r["eval_completions"] for r in p["rounds"])
+    w = p["weights"]
+    trained = w["lora"] or w["full"]
+    state = ("" if trained is None else
+             f" (the plan: {plan_mod.fmt_bytes(trained['rank_bytes'])} of training state per training rank)")
     lines += ["", f"label store: {m['store_rows']:,} rows (plan: at most {bound:,}, one per distinct comparison: "
                   f"labels + eval judgements), {m['store_bytes'] / 2**20:.1f} MiB on disk",
               f"peak memory (ru_maxrss): this process {_gib(m['rss_self'])}, "
               + (f"largest child process {_gib(m['rss_children'])}" if m["rss_children"] else "no child processes")
-              + " (the plan does not estimate memory)", "",
+              + state, "", *plan_mod.weights_table(w), "", saved_policy_line(w, m["policy"], len(p["rounds"]) - 1), "",
               "seconds per stage, all rounds (plan: the estimates for the stand-in model on this CPU, from "
               "benchmarks/README.md throughputs, and on one H100):", "",
               "| stage | plan CPU est. | plan H100 est. | measured | measured / H100 est. | measured per round (min-max) |",
@@ -381,9 +413,20 @@ def format_report(p: dict, m: dict, wall_s: float) -> str:
                  f"| {fs(sum(sum(v.values()) for v in m['seconds'].values()))} | - | wall {fs(wall_s)} |")
     bad = mismatches(p, m)
     n = len(p["rounds"]) * len(COLUMNS)
-    lines += ["", f"counts: all {n} as planned, pool prompt ids unique" if not bad
+    adapter = ", the LoRA adapter's parameters" if p["weights"]["adapter"] else ""
+    lines += ["", f"counts: all {n} as planned{adapter}, pool prompt ids unique" if not bad
               else f"counts: {len(bad)} differ from the plan: " + "; ".join(bad)]
     return "\n".join(lines)
+
+
+def saved_policy_line(w: dict, saved: dict, r: int) -> str:
+    """The last round's saved policy (saved_policy) beside the plan's trained parameters and sync bytes."""
+    planned = w["lora"] or w["full"]
+    plan_says = "" if planned is None else (f"; the plan: {planned['trainable']:,.0f} parameters, "
+                                            f"{plan_mod.fmt_bytes(planned['sync_bytes'])} synced per round")
+    kind = "a LoRA adapter" if saved["adapter"] else "full weights (the plan leaves out the norms)"
+    return (f"saved policy of round {r}: {kind}, {saved['params']:,} parameters, "
+            f"{plan_mod.fmt_bytes(saved['bytes'])} on disk ({saved['path']}){plan_says}")
 
 
 def report(cfg, run_dir: str | Path, wall_s: float) -> tuple[str, bool]:
