@@ -176,7 +176,8 @@ def run_coordinator(cfg, run_dir: str, progress: bool) -> None:
     servers = nullcontext()
     if cfg.slurm.generation_nodes and use_slurm(cfg.launcher) and is_hetjob():
         sft = resolve_model_path(cfg.model.policy, cache_dir(cfg.assets_dir))
-        servers = generation_servers(cfg.generation, cfg.model.dtype, cfg.slurm.servers_per_node, Path(run_dir), sft)
+        servers = generation_servers(cfg.generation, cfg.model.dtype, cfg.slurm.servers_per_node, Path(run_dir), sft,
+                                     cfg.training.lora.rank)
     with servers as urls:
         if urls:
             from omegaconf import read_write
@@ -341,18 +342,18 @@ def cmd_report(args) -> int:
 
 
 def cmd_export_labels(args) -> int:
-    from .oracles.store import StoreError, open_store
     """The store's labels as stored (raw) or as preference pairs (export.py); 2 with one line on bad input."""
     from .export import FORMATS, ExportError, check_out, preference_rows, write_rows
+    from .oracles.store import StoreError, open_store
 
-    try:
     out = Path(args.out)
-        store = open_store(args.store, readonly=True)
+    try:
         if args.format not in FORMATS:
             raise ExportError(f"--format {args.format}: one of {', '.join(FORMATS)}")
         if args.keep_ties and args.format != "preference":
             raise ExportError("--keep-ties goes with --format preference")
         check_out(out)
+        store = open_store(args.store, readonly=True)
         try:
             table = store.export()
         finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +20,7 @@ from .distributed import deepspeed_enabled, sharding_report, zero3_inference_mod
 from .errors import BudgetExhausted, Preempted
 from .generation.backends import make_backend
 from .generation.base import SamplingParams
-from .models import DTYPES, load_model, load_tokenizer, training_forward
+from .models import adapter_base, is_adapter, load_model, load_tokenizer, training_forward
 from .oracles.store import LabelStore, open_store
 from .rundir import RunDir
 from .scoring import sequence_logprobs
@@ -114,19 +115,40 @@ class RunContext:
     def model(self, path: str, dtype: str | None = None):
         """The model at `path` in `dtype` (default model.dtype), loaded once per stage sequence (one
         model held at a time) on this process's device (devices.process_device), which is noted for
-        the stage's metrics. Under a multi-process ZeRO-3 launch it is partitioned across ranks."""
+        the stage's metrics. Under a multi-process ZeRO-3 launch it is partitioned across ranks. A
+        LoRA policy (adapter folder) is a peft model on its base model (models.load_model)."""
         key = (path, dtype or self.cfg.model.dtype)
         if self._model is None or self._model[0] != key:
             self._model = None
             state = PartialState()
             if state.num_processes > 1 and zero_stage() == 3:
-                model = zero3_inference_model(path, DTYPES[key[1]], state.num_processes)
+                model = zero3_inference_model(path, key[1], state.num_processes)
             else:
                 model = load_model(path, key[1])
             if self.worker:
                 self.log_sharding(path, sharding_report(model))
             self._model = (key, model)
         return devices.note(self._model[1])
+
+    @contextmanager
+    def scoring_model(self, path: str, dtype: str):
+        """The model at `path` in `dtype` for a forward pass. When the model held is a LoRA policy
+        trained on `path` (the SFT model: the reference), that policy with its adapter disabled,
+        which computes what `path`'s own weights do, without loading a second model."""
+        if self._holds_adapter_on(path, dtype):
+            policy = self._model[1]
+            with policy.disable_adapter():
+                yield devices.note(policy)
+        else:
+            yield self.model(path, dtype)
+
+    def _holds_adapter_on(self, path: str, dtype: str) -> bool:
+        """Whether the model held is, in `dtype`, an adapter whose base model is `path`."""
+        if self._model is None:
+            return False
+        held_path, held_dtype = self._model[0]
+        return (held_dtype == dtype and is_adapter(held_path)
+                and Path(adapter_base(held_path)).resolve() == Path(path).resolve())
 
     def release_model(self) -> None:
         """Free the held model (before training, which loads its own)."""
@@ -158,7 +180,7 @@ class RunContext:
         """Completions for every row of `prompts` (prompt_id, prompt, prompt_ids), one row each."""
         if self._backend is None:
             self._backend = make_backend(self.cfg.generation, self.cfg.model.dtype, self.model, self.tokenizer,
-                                         self.rd.root, progress=self.progress)
+                                         self.rd.root, progress=self.progress, lora_rank=self.cfg.training.lora.rank)
         out = self._backend.generate(model_path, [list(p) for p in prompts["prompt_ids"]], params)
         meta = prompts.iloc[out["prompt_index"].values].reset_index(drop=True)
         return pd.concat([meta[["prompt_id", "prompt", "prompt_ids"]], out.drop(columns="prompt_index")], axis=1)
@@ -177,12 +199,13 @@ class RunContext:
                  feature_seed: int = 0) -> pd.DataFrame:
         """Teacher-forced log-probs of each row's completion (token_ids) given its prompt (prompt_ids),
         computed in the trainer's precision (models.training_forward), whatever model.dtype is; with
-        feature_dim > 0 also its features (scoring.sequence_logprobs)."""
+        feature_dim > 0 also its features (scoring.sequence_logprobs). The SFT model's, while a LoRA
+        policy on it is held, come from that policy with its adapter disabled (`scoring_model`)."""
         weights, autocast = training_forward(self.cfg.training.mixed_precision, deepspeed_enabled())
-        model = self.model(model_path, weights)
-        device = next(model.parameters()).device
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            return sequence_logprobs(model, [list(p) for p in samples["prompt_ids"]],
-                                     [list(t) for t in samples["token_ids"]], self.tokenizer.pad_token_id,
-                                     self.cfg.scoring.batch_size, with_entropy, desc, self.progress, shard_dir,
-                                     feature_dim, feature_seed)
+        with self.scoring_model(model_path, weights) as model:
+            device = next(model.parameters()).device
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                return sequence_logprobs(model, [list(p) for p in samples["prompt_ids"]],
+                                         [list(t) for t in samples["token_ids"]], self.tokenizer.pad_token_id,
+                                         self.cfg.scoring.batch_size, with_entropy, desc, self.progress,
+                                         shard_dir, feature_dim, feature_seed)

@@ -65,21 +65,22 @@ def shard_by_tokens(lengths: np.ndarray, world: int) -> list[np.ndarray]:
     return [np.array(sorted(s, key=lambda i: (lengths[i], i)), dtype=np.int64) for s in shards]
 
 
-def zero3_inference_model(path: str, dtype: torch.dtype, world: int):
-    """Load a frozen model partitioned across ranks with ZeRO-3 (parameters gathered per layer
-    during the forward pass). Every rank must call forward the same number of times. DeepSpeed
-    places it; it must agree with devices.process_device."""
+def zero3_inference_model(path: str, dtype: str, world: int):
+    """Load a frozen model in `dtype` (a models.DTYPES name) partitioned across ranks with ZeRO-3
+    (parameters gathered per layer during the forward pass). Every rank must call forward the same
+    number of times. An adapter folder gives its base model with the adapter attached, both
+    partitioned (models.load_model). DeepSpeed places it; it must agree with devices.process_device."""
     import deepspeed
 
     from .devices import check_placement
-    from transformers import AutoModelForCausalLM
+    from .models import load_model
     from transformers.integrations import HfDeepSpeedConfig
 
     config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
               "train_micro_batch_size_per_gpu": 1, "train_batch_size": world,
-              "bf16": {"enabled": dtype == torch.bfloat16}}
+              "bf16": {"enabled": dtype == "bfloat16"}}
     keep = HfDeepSpeedConfig(config)  # noqa: F841 -- makes from_pretrained load partitioned
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = load_model(path, dtype)  # an adapter's own weights are partitioned by deepspeed.initialize
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.module.eval()
     return check_placement(engine.module, f"the ZeRO-3 inference model {path}")
@@ -92,3 +93,10 @@ def sharding_report(model) -> dict:
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
     materialised = sum(p.numel() for p in params)
     return {"full_numel": int(full), "local_numel": int(local), "materialised_numel": int(materialised)}
+
+
+def load_training_model(path: str):
+    """The fp32 policy to train, on the CPU (accelerator.prepare places it)."""
+    from .models import load_model
+
+    return load_model(path, "float32", device="cpu")

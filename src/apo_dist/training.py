@@ -12,6 +12,9 @@ For label 1 this is exactly -log sigmoid(beta * (chosen margin - rejected margin
 `train_dpo` reads top to bottom: `setup_training` (Accelerator, DeepSpeed settings, model,
 optimizer, tokenizer), `train_steps` (epochs of optimizer steps with checkpoints, resume and
 stop requests), `save_policy` (the consolidated Hugging Face checkpoint).
+
+With `training.lora.rank > 0` the policy is a LoRA adapter (peft) on the frozen starting model:
+AdamW updates the adapter only, and the saved policy is the adapter folder (README, "training.lora").
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -29,8 +33,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .devices import check_placement, note
-from .distributed import init_distributed, sharding_report
-from .models import completion_logprobs, load_model, load_tokenizer
+from .distributed import deepspeed_enabled, init_distributed, load_training_model, sharding_report
+from .models import adapter_base, completion_logprobs, is_adapter, load_model, load_tokenizer
 from .rundir import atomic_write_text
 
 
@@ -54,6 +58,7 @@ class TrainResult:
     seconds: float
     history: list[dict]  # one record per optimizer step
     sharding: dict  # this rank's share of the policy's parameters (distributed.sharding_report)
+    trainable_params: int  # parameters the optimizer updates (the adapter's alone under LoRA)
 
 
 @dataclass
@@ -116,7 +121,8 @@ def train_dpo(pairs: pd.DataFrame, init_path: str, out_dir: Path, tcfg, seed: in
               pad_id: int | None = None, progress: bool = True, tensorboard_dir: str | None = None,
               checkpoint_dir: Path | None = None, resume_key: str = "",
               on_step: Callable[[int], None] | None = None, stop_file: Path | None = None) -> TrainResult:
-    """Train a policy from `init_path` on `pairs` and save an HF checkpoint to `out_dir`.
+    """Train a policy from `init_path` on `pairs` and save an HF checkpoint to `out_dir` (with
+    `tcfg.lora.rank > 0`, an adapter: see `setup_training` and `save_policy`).
 
     `pairs` needs prompt_ids, tokens_a, tokens_b, ref_logp_a, ref_logp_b and label. Runs as is in
     one process or under `accelerate launch` (DDP, ZeRO-2, ZeRO-3). With `checkpoint_dir` and
@@ -130,10 +136,11 @@ def train_dpo(pairs: pd.DataFrame, init_path: str, out_dir: Path, tcfg, seed: in
     start = time.time()
     train_steps(setup, pairs, tcfg, seed, pad_id, history, progress=progress, log=bool(tensorboard_dir),
                 checkpoint_dir=checkpoint_dir, resume_key=resume_key, on_step=on_step, stop_file=stop_file)
-    save_policy(setup, out_dir, checkpoint_dir)
+    save_policy(setup, out_dir, checkpoint_dir, tcfg.lora)
     if tensorboard_dir:
         setup.accelerator.end_training()
-    return TrainResult(steps=len(history), seconds=time.time() - start, history=history, sharding=setup.sharding)
+    return TrainResult(steps=len(history), seconds=time.time() - start, history=history, sharding=setup.sharding,
+                       trainable_params=setup.trainable_params)
 
 
 # ---- setup ----
@@ -146,39 +153,67 @@ class TrainingSetup:
     tokenizer: Any
     accum: int  # micro-batches per optimizer step on each rank
     sharding: dict
+    trainable_params: int
 
 
 def setup_training(init_path: str, tcfg, seed: int, tensorboard_dir: str | None = None) -> TrainingSetup:
     """The Accelerator (DeepSpeed settings from `tcfg` when launched with a DeepSpeed config),
     the fp32 policy loaded from `init_path`, and its AdamW optimizer, prepared for this world.
-    Accelerate places the policy; it must land on devices.process_device (else RuntimeError)."""
+    Accelerate places the policy; it must land on devices.process_device (else RuntimeError).
+
+    With `tcfg.lora.rank > 0` the full model (`init_path`, or the base of the adapter folder
+    `init_path`) is frozen and carries a LoRA adapter, the only parameters the optimizer sees:
+    `init_path`'s adapter when it is one (continued), else a fresh one (`with_adapter`)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    if is_adapter(init_path) and not tcfg.lora.rank:
+        raise ValueError(f"{init_path} is a LoRA adapter: training from it needs training.lora.rank > 0")
+    base_path = adapter_base(init_path) if is_adapter(init_path) else init_path
     state = init_distributed()
     accum = gradient_accumulation(tcfg.batch_size, tcfg.micro_batch_size, state.num_processes)
     accelerator = Accelerator(gradient_accumulation_steps=accum, mixed_precision=tcfg.mixed_precision,
                               log_with="tensorboard" if tensorboard_dir else None,
                               project_dir=tensorboard_dir)
     if accelerator.state.deepspeed_plugin is not None:
-        _configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, tcfg, init_path)
+        _configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, tcfg, base_path)
     set_seed(seed)
     tokenizer = load_tokenizer(init_path)
-    model = load_model(init_path, "float32", device="cpu")  # accelerator.prepare moves it
+    model = load_training_model(base_path)  # accelerator.prepare places it
     if tcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    if tcfg.lora.rank:
+        model = with_adapter(model, init_path, base_path, tcfg.lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable_params = sum(p.numel() for p in trainable)  # before ZeRO-3 partitions them
+    optimizer = torch.optim.AdamW(trainable, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     note(check_placement(model, f"the policy Accelerate prepared for training (accelerator.device {accelerator.device})"))
     sharding = sharding_report(model)
     if tensorboard_dir:
         accelerator.init_trackers("dpo")
-    return TrainingSetup(accelerator, model, optimizer, tokenizer, accum, sharding)
+    return TrainingSetup(accelerator, model, optimizer, tokenizer, accum, sharding, trainable_params)
 
 
-def _configure_deepspeed(ds: dict, tcfg, init_path: str) -> None:
-    """Fill the DeepSpeed config in place from `tcfg`."""
+def with_adapter(model, init_path: str, base_path: str, lora):
+    """`model` (the full model at `base_path`) frozen, with a trainable LoRA adapter: the one saved
+    at `init_path` when that is an adapter folder, else a fresh one from the `training.lora` settings
+    (B = 0, so that the policy starts equal to `model`). The adapter records `base_path`, absolute,
+    as its base model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if is_adapter(init_path):
+        model = PeftModel.from_pretrained(model, init_path, is_trainable=True)
+    else:
+        model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    model.peft_config["default"].base_model_name_or_path = str(Path(base_path).resolve())
+    return model
+
+
+def _configure_deepspeed(ds: dict, tcfg, model_path: str) -> None:
+    """Fill the DeepSpeed config in place from `tcfg` (bucket sizes from the full model at `model_path`)."""
     from transformers import AutoConfig
 
     ds["train_micro_batch_size_per_gpu"] = tcfg.micro_batch_size
@@ -186,7 +221,7 @@ def _configure_deepspeed(ds: dict, tcfg, init_path: str) -> None:
     ds["zero_allow_untested_optimizer"] = True
     # DeepSpeed's default buckets hold 5e8 elements (2 GB in fp32); size them to the model
     # the way Accelerate's "auto" does, unless the config file sets them.
-    hidden = AutoConfig.from_pretrained(init_path).hidden_size
+    hidden = AutoConfig.from_pretrained(model_path).hidden_size
     zero = ds.setdefault("zero_optimization", {})
     zero.setdefault("reduce_bucket_size", hidden * hidden)
     if zero.get("stage") == 3:
@@ -324,19 +359,55 @@ def _resume(accelerator, checkpoint_dir: Path | None, resume_key: str) -> list[d
 
 # ---- saving ----
 
-def save_policy(setup: TrainingSetup, out_dir: Path, checkpoint_dir: Path | None = None) -> None:
+def save_policy(setup: TrainingSetup, out_dir: Path, checkpoint_dir: Path | None = None, lora=None) -> None:
     """Save the trained policy (consolidated from all ranks) and its tokenizer as a Hugging Face
     folder: written to `out_dir`.tmp and renamed, so `out_dir` exists only when complete. The
-    mid-training checkpoints in `checkpoint_dir` are then of no use and are removed."""
+    mid-training checkpoints in `checkpoint_dir` are then of no use and are removed.
+
+    A LoRA policy (`lora`: the training.lora settings, rank > 0) is saved as its adapter alone
+    (peft's adapter_config.json and adapter_model.safetensors); with lora.save_merged,
+    `out_dir`/merged also holds the adapter merged into its base model (`save_merged`)."""
     accelerator = setup.accelerator
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(setup.model)  # consolidated (gathered) under ZeRO-3
+    model = accelerator.unwrap_model(setup.model)
+    adapter = lora is not None and lora.rank > 0
+    # Collective under ZeRO-3: every rank gathers, the main process writes.
+    state_dict = adapter_state_dict(model) if adapter else accelerator.get_state_dict(setup.model)
     if accelerator.is_main_process:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
-        accelerator.unwrap_model(setup.model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        # A LoRA policy never saves base weights, whatever its target modules (save_embedding_layers).
+        extra = {"save_embedding_layers": False} if adapter else {}
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, **extra)
         setup.tokenizer.save_pretrained(tmp)
+        if adapter and lora.save_merged:
+            save_merged(tmp, tmp / "merged", setup.tokenizer)
         tmp.rename(out_dir)
         if checkpoint_dir:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    """The adapter's parameters of the peft `model` by state-dict name, full values on the CPU:
+    under ZeRO-3 gathered from every rank's partition (every rank must call it)."""
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    with _gathered(list(trainable.values())):
+        return {name: p.detach().cpu().clone() for name, p in trainable.items()}
+
+
+def _gathered(params: list[torch.Tensor]):
+    """A context in which ZeRO-3-partitioned `params` hold their full values (else a no-op)."""
+    if not deepspeed_enabled():
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)  # a no-op for parameters ZeRO-3 does not manage
+
+
+def save_merged(adapter_dir: Path, out_dir: Path, tokenizer) -> None:
+    """The adapter at `adapter_dir` merged into its base model, saved as a full float32 HF checkpoint
+    (with `tokenizer`) in `out_dir`: loadable without peft, by transformers and vLLM."""
+    merged = load_model(str(adapter_dir), "float32", device="cpu").merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

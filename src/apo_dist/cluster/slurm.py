@@ -93,12 +93,13 @@ def srun_prefix(nodes: int, group: int | None) -> list[str]:
 
 
 @contextmanager
-def generation_servers(gen, dtype: str, servers_per_node: int, run_dir: Path, model_path: str):
+def generation_servers(gen, dtype: str, servers_per_node: int, run_dir: Path, model_path: str, lora_rank: int = 0):
     """vLLM servers on the first component of a heterogeneous job (`servers_per_node`: slurm.servers_per_node
     per node), one srun step kept up for the whole run; yields their base URLs and stops the step at the end.
 
     `gen`: the `generation` section (gen.vllm: the engine options; gen.servers.startup_timeout);
-    `dtype`: model.dtype, the servers' dtype where generation.vllm.dtype is null."""
+    `dtype`: model.dtype, the servers' dtype where generation.vllm.dtype is null; `lora_rank`:
+    training.lora.rank (> 0: the servers load the policy's LoRA adapters at runtime)."""
     from ..generation.vllm_servers import serve_args
 
     nodes = hostnames(os.environ["SLURM_JOB_NODELIST_HET_GROUP_0"])
@@ -110,7 +111,7 @@ def generation_servers(gen, dtype: str, servers_per_node: int, run_dir: Path, mo
            sys.executable, "-m", "apo_dist.generation.vllm_servers", "serve", "--model", model_path,
            "--num", str(servers_per_node), "--workdir", str(workdir / NODE_NAME), "--host", "0.0.0.0",
            "--urls-file", str(workdir / f"{NODE_NAME}.urls"),
-           "--startup-timeout", str(gen.servers.startup_timeout), *serve_args(gen.vllm, dtype)]
+           "--startup-timeout", str(gen.servers.startup_timeout), *serve_args(gen.vllm, dtype, lora_rank)]
     log_path = workdir / "srun.log"
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

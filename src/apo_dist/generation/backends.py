@@ -21,12 +21,13 @@ def choose_backend(gen) -> tuple[str, str]:
 
 
 def make_backend(gen, dtype: str, load: Callable[[str], object], tokenizer, workdir: str | Path,
-                 progress: bool = True) -> Backend:
+                 progress: bool = True, lora_rank: int = 0) -> Backend:
     """The generation backend named by `gen.backend` (gen: the `generation` section).
 
     `dtype` is model.dtype (the vLLM engines' dtype where generation.vllm.dtype is null);
     `load(path)` returns an HF model (generation for hf; the weight probe for the vLLM backends);
-    `workdir` (the run directory) holds vLLM caches and server logs.
+    `workdir` (the run directory) holds vLLM caches and server logs; `lora_rank` is training.lora.rank
+    (> 0: vLLM engines and local servers start able to serve the policy's LoRA adapters).
     """
     name, _ = choose_backend(gen)
     if name == "hf":
@@ -34,9 +35,9 @@ def make_backend(gen, dtype: str, load: Callable[[str], object], tokenizer, work
     if name == "vllm":
         from .vllm_engine import VLLMBackend
 
-        return VLLMBackend(gen.vllm, dtype, load, tokenizer, Path(workdir), progress)
+        return VLLMBackend(gen.vllm, dtype, load, tokenizer, Path(workdir), progress, lora_rank)
     if name == "vllm_server":
         from .vllm_servers import ServerPool
 
-        return ServerPool.from_config(gen, dtype, load, tokenizer, Path(workdir), progress)
+        return ServerPool.from_config(gen, dtype, load, tokenizer, Path(workdir), progress, lora_rank)
     raise ValueError(f"unknown generation backend {name!r}")

@@ -1,26 +1,37 @@
 """vLLM generation in this process (the offline engine), and what vLLM backends share.
 
 Shared by the offline engine and the server pool (`vllm_servers`): the environment vLLM needs
-(`vllm_env`), whether vLLM can run here (`vllm_support`), per-prompt seeds, and the weight probe:
-after every weight load the engine's log-prob of a fixed text must match the HF scorer on the same
-checkpoint, so that stale weights never generate silently.
+(`vllm_env`), whether vLLM can run here (`vllm_support`), per-prompt seeds, what an engine must hold
+to serve a policy folder (`Policy`), and the weight probe: after every weight or adapter load the
+engine's log-prob of a fixed text must match the HF scorer on the same checkpoint, so that stale
+weights never generate silently.
+
+A LoRA policy (training.lora: an adapter folder on the SFT model) is served without touching the
+base weights: engines started with LoRA enabled (`lora_engine_args`) keep the SFT model and load
+each round's adapter (vLLM's LoRARequest; /v1/load_lora_adapter on servers), a few megabytes where
+a full reload reads the whole checkpoint (benchmarks/weight_sync.py times both).
 
 vLLM returns log-probs in `raw_logprobs` mode: log-softmax of the model's logits before
 temperature, top-p or top-k, i.e. what the HF scorer computes by teacher forcing.
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
 import logging
 import os
 import tempfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
 from .base import SamplingParams, completion_row
-from ..models import completion_logprobs
+from ..models import ADAPTER_CONFIG, adapter_base, completion_logprobs, is_adapter
+from ..rundir import sha256_file
 from .vllm_worker import EXTENSION, RELOAD_METHOD
 
 log = logging.getLogger("apo_dist.vllm")
@@ -28,10 +39,61 @@ log = logging.getLogger("apo_dist.vllm")
 PROBE_TEXT = "The film was not bad at all: the cast was wonderful and the ending made me smile."
 # Default probe tolerance (mean per-token |log p| gap, nats) by engine dtype.
 PROBE_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 2e-2}
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's weights file in an adapter folder
+# The values vLLM accepts as max_lora_rank (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class StaleWeightsError(RuntimeError):
     """An engine's probe log-prob does not match the checkpoint it should be serving."""
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """vLLM's max_lora_rank for adapters of rank `rank` (training.lora.rank): the smallest value it
+    accepts that fits; 0 for 0 (LoRA off)."""
+    if rank <= 0:
+        return 0
+    fits = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fits:
+        raise ValueError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank, {VLLM_LORA_RANKS[-1]}")
+    return fits[0]
+
+
+def lora_engine_args(rank: int) -> dict:
+    """vLLM engine arguments that let it serve adapters of rank `rank` (none for 0: LoRA off)."""
+    return {"enable_lora": True, "max_lora_rank": vllm_lora_rank(rank)} if rank > 0 else {}
+
+
+def adapter_rank(path: str | Path) -> int:
+    """The rank of the adapter at `path` (its adapter_config.json "r")."""
+    return int(json.loads((Path(path) / ADAPTER_CONFIG).read_text())["r"])
+
+
+def adapter_name(path: str | Path) -> str:
+    """vLLM's name for the adapter at `path`, from a digest of its config and weights. vLLM caches
+    adapters and their prefix KV by name, so new files at the same path (a redone round) must get a
+    new name, and the same files the same one."""
+    digests = "".join(sha256_file(Path(path) / f) for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
+    return f"apo-lora-{hashlib.sha256(digests.encode()).hexdigest()[:16]}"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What an engine holds to serve the policy folder `path`: full weights (`weights`), and for a LoRA
+    policy its adapter on them (`adapter`, vLLM's name for it; None for full weights)."""
+
+    path: str
+    weights: str
+    adapter: str | None = None
+
+    @classmethod
+    def of(cls, path: str | Path) -> "Policy":
+        """The policy folder `path` (an adapter folder's weights are its base model's, the SFT model);
+        `weights` is a real path, so that two spellings of one folder are not two checkpoints."""
+        path = str(path)
+        if is_adapter(path):
+            return cls(path, os.path.realpath(adapter_base(path)), adapter_name(path))
+        return cls(path, os.path.realpath(path))
 
 
 def vllm_support() -> tuple[bool, str]:
@@ -143,68 +205,95 @@ class Probe:
 
 
 class VLLMBackend:
-    """The vLLM offline engine in this process; weights swapped in place when the path changes.
+    """The vLLM offline engine in this process. When the policy changes, its full weights are swapped
+    in place if they differ and its adapter (LoRA runs) is loaded; the probe then checks the result.
 
     `vllm`: the `generation.vllm` section (a VLLMConfig or its DictConfig node); `dtype`: model.dtype,
-    the engine's dtype where generation.vllm.dtype is null.
+    the engine's dtype where generation.vllm.dtype is null; `lora_rank`: training.lora.rank (> 0: the
+    engine starts able to serve adapters of that rank).
     """
 
     def __init__(self, vllm, dtype: str | None, load: Callable[[str], object], tokenizer, workdir: Path,
-                 progress: bool = True):
+                 progress: bool = True, lora_rank: int = 0):
         self.vllm = vllm
         self.dtype = engine_dtype(vllm, dtype)
         self.tokenizer = tokenizer
         self.probe = Probe(tokenizer, load, probe_tolerance(vllm, dtype))
         self.workdir = Path(workdir)
         self.progress = progress
+        self.lora_args = lora_engine_args(lora_rank)
         self.llm = None
-        self.model_path: str | None = None
+        self.weights: str | None = None  # the full weights in the engine
+        self.lora = None  # the LoRARequest every request carries; None: the full weights alone
+        self.policy: Policy | None = None  # what the engine serves, once probed
+        self._lora_ids = itertools.count(1)  # vLLM caches adapters by id: a new one for every load
 
-    def _start(self, model_path: str) -> None:
+    def _start(self, weights: str) -> None:
         from vllm import LLM
 
         v = self.vllm
         for key, value in vllm_env(self.workdir / "vllm_cache", v.kv_cache_gb, cpu_ranges(1)[0]).items():
             os.environ.setdefault(key, value)
-        self.llm = LLM(model=model_path, dtype=self.dtype, tensor_parallel_size=v.tensor_parallel_size,
+        self.llm = LLM(model=weights, dtype=self.dtype, tensor_parallel_size=v.tensor_parallel_size,
                        max_model_len=v.max_model_len or None, enforce_eager=eager(v),
                        gpu_memory_utilization=v.gpu_memory_utilization, seed=v.seed,
-                       logprobs_mode="raw_logprobs", worker_extension_cls=EXTENSION)
+                       logprobs_mode="raw_logprobs", worker_extension_cls=EXTENSION, **self.lora_args)
+        self.weights = weights
 
-    def _load(self, model_path: str) -> None:
-        """Swap weights in place and probe; restart the engine on `model_path` if either fails."""
-        self.model_path = None
+    def _load(self, policy: Policy) -> None:
+        """Bring the engine to `policy` and probe; restart it on `policy`'s weights if that fails."""
+        self.policy = None
         if self.llm is None:
-            self._start(model_path)
-            self.check(model_path)
+            self._start(policy.weights)
+            self.sync(policy)
+            self.check(policy.path)
         else:
             try:
-                self.llm.collective_rpc(RELOAD_METHOD, kwargs={"weights_path": model_path})
-                self.llm.reset_prefix_cache()  # cached KV came from the old weights
-                self.check(model_path)
+                self.sync(policy)
+                self.check(policy.path)
             except Exception as e:  # noqa: BLE001 - any failure: restart on the new weights
-                log.warning("weight reload failed (%s); restarting the engine on %s", e, model_path)
+                log.warning("weight reload failed (%s); restarting the engine on %s", e, policy.weights)
                 self.close()
-                self._start(model_path)
-                self.check(model_path)
-        self.model_path = model_path
+                self._start(policy.weights)
+                self.sync(policy)
+                self.check(policy.path)
+        self.policy = policy
+
+    def sync(self, policy: Policy) -> None:
+        """Make the engine hold `policy` (unprobed): its full weights swapped in place where they differ,
+        then its adapter (none for full weights) in `self.lora`, which every request carries. The engine
+        keeps one adapter (max_cpu_loras = max_loras = 1): loading this round's evicts the last one's."""
+        from vllm.lora.request import LoRARequest
+
+        if policy.weights != self.weights:
+            self.weights = None
+            self.llm.collective_rpc(RELOAD_METHOD, kwargs={"weights_path": policy.weights})
+            self.llm.reset_prefix_cache()  # cached KV came from the old weights
+            self.weights = policy.weights
+        self.lora = None
+        if policy.adapter:
+            lora = LoRARequest(policy.adapter, next(self._lora_ids), policy.path)
+            self.llm.llm_engine.add_lora(lora)
+            self.lora = lora
 
     def check(self, model_path: str) -> None:
-        """Probe the engine against the HF scorer on `model_path`."""
+        """Probe the engine (with its adapter, if any) against the HF scorer on `model_path`."""
         from vllm import SamplingParams as VSP
 
         out = self.llm.generate([{"prompt_token_ids": self.probe.ids}], VSP(max_tokens=1, prompt_logprobs=0),
-                                use_tqdm=False)[0]
+                                use_tqdm=False, lora_request=self.lora)[0]
         served = [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], self.probe.ids[1:])]
         self.probe.check("the vLLM offline engine", model_path, served)
 
     def generate(self, model_path: str, prompt_ids: list[list[int]], params: SamplingParams) -> pd.DataFrame:
         from vllm import SamplingParams as VSP
 
-        if model_path != self.model_path:
-            self._load(model_path)
+        policy = Policy.of(model_path)
+        if policy != self.policy:
+            self._load(policy)
         requests = [VSP(**vllm_sampling(params), seed=request_seed(params.seed, i)) for i in range(len(prompt_ids))]
-        outs = self.llm.generate([{"prompt_token_ids": [int(t) for t in p]} for p in prompt_ids], requests, use_tqdm=self.progress)
+        outs = self.llm.generate([{"prompt_token_ids": [int(t) for t in p]} for p in prompt_ids], requests,
+                                 use_tqdm=self.progress, lora_request=self.lora)
         rows = []
         for i, out in enumerate(outs):
             for k, c in enumerate(sorted(out.outputs, key=lambda c: c.index)):
@@ -216,7 +305,7 @@ class VLLMBackend:
         if self.llm is not None:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
-            self.model_path = None
+            self.weights = self.lora = self.policy = None
 
 
 def vllm_sampling(params: SamplingParams) -> dict:

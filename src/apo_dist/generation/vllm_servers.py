@@ -14,9 +14,12 @@ request is retried with exponential backoff; a server that stops answering /heal
 and its requests go to the others. A local server that died is restarted in the background (after
 a backoff, on the policy the pool serves by then, at most `max_restarts` times; `restarts` counts
 them) and rejoins once it passes the probe; a given server, or a local one out of restarts, stays
-out. When the policy path changes, every server reloads the new weights in place (POST
-/collective_rpc reload_weights; a local server is restarted when that fails) and must pass the
-weight probe before it generates.
+out. When the policy changes, every server reloads the new full weights in place (POST
+/collective_rpc reload_weights), or for a LoRA policy keeps its base weights and loads the adapter
+(POST /v1/load_lora_adapter, then unloads the last one; requests name the adapter as their model);
+a local server is restarted when that fails, and every server must pass the weight probe before it
+generates. Servers of a LoRA run are started with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING
+(`serve --max-lora-rank`).
 """
 from __future__ import annotations
 
@@ -47,7 +50,8 @@ from ..config import ModelConfig, VLLMConfig
 from ..util import die_with_parent, free_port, log_tail, stop_group
 from .base import SamplingParams, completion_row
 from .vllm_worker import EXTENSION, RELOAD_METHOD
-from .vllm_engine import Probe, StaleWeightsError, cpu_ranges, gpu_groups, eager, engine_dtype, probe_tolerance, request_seed, vllm_env, vllm_sampling
+from .vllm_engine import (Policy, Probe, StaleWeightsError, adapter_rank, cpu_ranges, eager, engine_dtype, gpu_groups,
+                          probe_tolerance, request_seed, vllm_env, vllm_lora_rank, vllm_sampling)
 
 log = logging.getLogger("apo_dist.generation.vllm_servers")
 
@@ -56,6 +60,10 @@ SERVED_NAME = "policy"  # the model name local servers answer to, whatever check
 
 class ServerStartError(RuntimeError):
     """A vLLM server did not come up; the message carries the end of its log."""
+
+
+class AdapterLoadError(RuntimeError):
+    """A vLLM server refused a LoRA adapter; the message says how a server must be started to take one."""
 
 
 def root_url(url: str) -> str:
@@ -67,17 +75,21 @@ def root_url(url: str) -> str:
 SERVER_OPTIONS = tuple(f.name for f in fields(VLLMConfig) if f.name != "probe_tolerance")
 
 
-def serve_args(vllm, dtype: str | None = None) -> list[str]:
+def serve_args(vllm, dtype: str | None = None, lora_rank: int = 0) -> list[str]:
     """The `generation.vllm` section as `python -m apo_dist.generation.vllm_servers serve` flags, with
-    the engine dtype resolved (`dtype`: model.dtype, used where generation.vllm.dtype is null)."""
+    the engine dtype resolved (`dtype`: model.dtype, used where generation.vllm.dtype is null), and
+    for a LoRA run (`lora_rank`: training.lora.rank > 0) the rank of the adapters to serve."""
     values = {name: getattr(vllm, name) for name in SERVER_OPTIONS} | {"dtype": engine_dtype(vllm, dtype)}
+    values["max_lora_rank"] = lora_rank or None
     return [a for name, value in values.items() if value is not None  # None: the serving node decides
             for a in (f"--{name.replace('_', '-')}", str(value))]
 
 
-def vllm_server_args(vllm, dtype: str | None = None) -> list[str]:
-    """The `generation.vllm` section as flags of vLLM's OpenAI-compatible server."""
-    return ["--dtype", engine_dtype(vllm, dtype),
+def vllm_server_args(vllm, dtype: str | None = None, lora_rank: int = 0) -> list[str]:
+    """The `generation.vllm` section as flags of vLLM's OpenAI-compatible server, with LoRA enabled for
+    adapters of rank `lora_rank` (training.lora.rank; 0: LoRA off)."""
+    lora = ["--enable-lora", "--max-lora-rank", str(vllm_lora_rank(lora_rank))] if lora_rank > 0 else []
+    return [*lora, "--dtype", engine_dtype(vllm, dtype),
             *(["--max-model-len", str(vllm.max_model_len)] if vllm.max_model_len else []),
             "--tensor-parallel-size", str(vllm.tensor_parallel_size),
             "--gpu-memory-utilization", str(vllm.gpu_memory_utilization), "--seed", str(vllm.seed),
@@ -114,15 +126,17 @@ class LocalServers:
     """K vLLM servers on this machine, each in its own process group, logging to <workdir>/servers/.
 
     `vllm`: the `generation.vllm` section (a VLLMConfig or its DictConfig node); `dtype`: model.dtype,
-    the servers' dtype where generation.vllm.dtype is null.
+    the servers' dtype where generation.vllm.dtype is null; `lora_rank`: training.lora.rank (> 0: the
+    servers start able to load adapters of that rank at runtime).
     """
 
     def __init__(self, num: int, workdir: Path, vllm, dtype: str | None = None, host: str = "127.0.0.1",
-                 startup_timeout: float = 600):
+                 startup_timeout: float = 600, lora_rank: int = 0):
         self.num = num
         self.dir = Path(workdir) / "servers"
         self.vllm = vllm
-        self.server_args = vllm_server_args(vllm, dtype)  # fails here, not in a server, without a dtype
+        self.server_args = vllm_server_args(vllm, dtype, lora_rank)  # fails here, not in a server, without a dtype
+        self.lora_env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if lora_rank > 0 else {}
         self.host = host
         self.startup_timeout = startup_timeout
         self.procs: list[subprocess.Popen | None] = [None] * num
@@ -161,7 +175,7 @@ class LocalServers:
     def _spawn(self, i: int, model_path: str) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ports[i] = free_port()
-        env = {**os.environ, **vllm_env(self.dir / "cache", self.vllm.kv_cache_gb, self.cpus[i])}
+        env = {**os.environ, **vllm_env(self.dir / "cache", self.vllm.kv_cache_gb, self.cpus[i]), **self.lora_env}
         if self.gpus[i] is not None:  # each server on its own GPUs
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[i]
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
@@ -236,7 +250,9 @@ class Server:
     url: str
     local_index: int | None = None  # position in LocalServers, for restarts
     alive: bool = True
-    model_path: str | None = None
+    policy: Policy | None = None  # what it serves, once probed
+    weights: str | None = None  # the full weights it holds (None: unknown)
+    adapter: str | None = None  # the LoRA adapter loaded (the model name its requests ask for)
     inflight: int = field(default=0)
     restarts: int = 0  # times this local server was restarted after it died
     restarting: bool = False  # down, and being restarted in the background
@@ -263,66 +279,84 @@ class ServerPool:
         self.progress = progress
         self.max_restarts = max_restarts  # per local server
         self.restarts = 0  # local servers restarted after they died, all told
-        self.model_path: str | None = None  # what the pool serves: a restarted server comes up on it
-        self._lock = threading.Lock()  # model_path and rejoining servers, between this and the restart thread
+        self.policy: Policy | None = None  # what the pool serves: a restarted server comes up on it
+        self._lock = threading.Lock()  # policy and rejoining servers, between this and the restart thread
         self._dead: queue.Queue | None = None  # local servers for the restart thread; None: not started yet
         self._closed = threading.Event()
 
     @classmethod
     def from_config(cls, gen, dtype: str | None, load: Callable[[str], object], tokenizer, workdir: Path,
-                    progress: bool = True) -> "ServerPool":
+                    progress: bool = True, lora_rank: int = 0) -> "ServerPool":
         """The pool `gen` (the `generation` section) describes: gen.servers, with gen.vllm for the servers
-        started here and the probe; `dtype` is model.dtype (used where generation.vllm.dtype is null)."""
+        started here and the probe; `dtype` is model.dtype (used where generation.vllm.dtype is null);
+        `lora_rank` is training.lora.rank (local servers start able to load adapters of that rank)."""
         s = gen.servers
         local = None
         if s.num_local:
-            local = LocalServers(s.num_local, workdir, gen.vllm, dtype, startup_timeout=s.startup_timeout)
+            local = LocalServers(s.num_local, workdir, gen.vllm, dtype, startup_timeout=s.startup_timeout,
+                                 lora_rank=lora_rank)
         return cls(list(s.urls), tokenizer, Probe(tokenizer, load, probe_tolerance(gen.vllm, dtype)), s.model,
                    s.concurrency, s.max_retries, s.request_timeout, local, progress, s.max_restarts)
 
     # --- weights ---------------------------------------------------------------------------
     def ensure_weights(self, model_path: str) -> None:
         """Every live server serves `model_path` and passes the probe; dead ones are left out (local ones
-        restart on `model_path`), a given server that answers again rejoins."""
-        with self._lock:  # from now on a restarted server rejoins only on `model_path`
-            self.model_path = model_path
+        restart on it), a given server that answers again rejoins."""
+        policy = Policy.of(model_path)
+        with self._lock:  # from now on a restarted server rejoins only on `policy`
+            self.policy = policy
         if self.local is not None and all(s.local_index is None for s in self.servers):
-            urls = self.local.start(model_path)
-            started = [Server(u, i, model_path=model_path) for i, u in enumerate(urls)]
-            for s in started:
-                self.check(s, model_path)
-            self.servers = started + self.servers
+            urls = self.local.start(policy.weights)
+            self.servers = [Server(u, i, weights=policy.weights) for i, u in enumerate(urls)] + self.servers
         for s in self.servers:
             if s.alive and not self.healthy(s):
                 self._lost(s, "no answer to /health")
             elif not s.alive and s.local_index is None and self.healthy(s):
-                s.alive, s.model_path = True, None  # weights unknown: reload and probe
+                s.alive, s.policy, s.weights, s.adapter = True, None, None, None  # unknown: reload and probe
         live = [s for s in self.servers if s.alive]
         if not live and not any(s.restarting for s in self.servers):
             raise self._no_server_left()
         if not self.model:
             self.model = httpx.get(f"{live[0].url}/models", timeout=30).json()["data"][0]["id"]
         for s in live:
-            if s.model_path != model_path:
-                self.swap(s, model_path)
+            if s.policy != policy:
+                self.swap(s, policy)
 
-    def swap(self, s: Server, model_path: str) -> None:
-        """Reload `model_path` into server `s` in place, then probe; a local server that fails either
-        is restarted on `model_path` (and probed again)."""
-        s.model_path = None
+    def swap(self, s: Server, policy: Policy) -> None:
+        """Bring server `s` to `policy` (`put`); a local server that fails is restarted on `policy`'s full
+        weights and tried again."""
         try:
-            self.reload(s, model_path)
-            self.check(s, model_path)
-        except (httpx.HTTPError, StaleWeightsError) as e:
+            self.put(s, policy)
+        except (httpx.HTTPError, StaleWeightsError, AdapterLoadError) as e:
             if s.local_index is None:
+                if isinstance(e, AdapterLoadError):
+                    raise
                 raise RuntimeError(f"{s.url}: weight reload failed ({e}); start servers with "
                                    f"`python -m apo_dist.generation.vllm_servers serve` (dev mode and the apo-dist "
                                    f"worker extension) on a path they can read") from e
-            log.warning("%s: weight reload failed (%s); restarting it on %s", s.url, e, model_path)
-            self.local.restart(s.local_index, model_path)
-            s.url = self.local.urls[s.local_index]
-            self.check(s, model_path)
-        s.model_path = model_path
+            log.warning("%s: weight reload failed (%s); restarting it on %s", s.url, e, policy.weights)
+            self._restart_on(s, policy.weights)
+            self.put(s, policy)
+
+    def put(self, s: Server, policy: Policy) -> None:
+        """Make server `s` serve `policy`, then probe: the last adapter unloaded (memory stays bounded),
+        full weights reloaded in place where they differ, the policy's adapter loaded."""
+        s.policy = None
+        if s.adapter is not None and s.adapter != policy.adapter:
+            self.unload_adapter(s)
+        if s.weights != policy.weights:
+            s.weights = None
+            self.reload(s, policy.weights)
+            s.weights = policy.weights
+        if policy.adapter is not None and s.adapter != policy.adapter:
+            self.load_adapter(s, policy)
+        self.check(s, policy.path)
+        s.policy = policy
+
+    def _restart_on(self, s: Server, weights: str) -> None:
+        """Restart local server `s` on the full weights `weights` (no adapter loaded)."""
+        self.local.restart(s.local_index, weights)
+        s.url, s.weights, s.adapter = self.local.urls[s.local_index], weights, None
 
     def reload(self, s: Server, model_path: str) -> None:
         """In-place weight reload, then drop the prefix cache (its KV came from the old weights)."""
@@ -332,10 +366,38 @@ class ServerPool:
         r.raise_for_status()
         httpx.post(f"{base}/reset_prefix_cache", timeout=self.request_timeout).raise_for_status()
 
+    def load_adapter(self, s: Server, policy: Policy) -> None:
+        """Load `policy`'s adapter into server `s` under its name, unless `s` lists it already (a given
+        server may, from an earlier coordinator; the name is the files' digest, so the weights are the same).
+        Not vLLM's load_inplace: its requests would then reload the adapter from disk at every step."""
+        listed = {m["id"] for m in httpx.get(f"{s.url}/models", timeout=30).raise_for_status().json()["data"]}
+        if policy.adapter not in listed:
+            r = httpx.post(f"{root_url(s.url)}/v1/load_lora_adapter", timeout=self.request_timeout,
+                           json={"lora_name": policy.adapter, "lora_path": policy.path})
+            if r.is_error:
+                rank = vllm_lora_rank(adapter_rank(policy.path))
+                reason = (r.text.splitlines() or [""])[0][:300]
+                raise AdapterLoadError(
+                    f"vLLM server {s.url} did not load the LoRA adapter {policy.path} (HTTP {r.status_code}: "
+                    f"{reason}); a server for a LoRA run needs --enable-lora --max-lora-rank {rank} and the "
+                    f"environment VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, which `python -m "
+                    f"apo_dist.generation.vllm_servers serve --max-lora-rank {rank}` sets")
+        s.adapter = policy.adapter
+
+    def unload_adapter(self, s: Server) -> None:
+        """Unload server `s`'s adapter (one it no longer has, e.g. after a restart, is fine)."""
+        r = httpx.post(f"{root_url(s.url)}/v1/unload_lora_adapter", timeout=self.request_timeout,
+                       json={"lora_name": s.adapter})
+        if r.status_code != 404:
+            r.raise_for_status()
+        s.adapter = None
+
     def check(self, s: Server, model_path: str) -> None:
-        """The weight probe: the server's prompt log-probs of the probe text vs the HF scorer."""
+        """The weight probe: the server's prompt log-probs of the probe text (with its adapter, if any)
+        vs the HF scorer on `model_path`."""
         r = httpx.post(f"{s.url}/completions", timeout=self.request_timeout,
-                       json={"model": self.model, "prompt": self.probe.ids, "max_tokens": 1, "prompt_logprobs": 0})
+                       json={"model": s.adapter or self.model, "prompt": self.probe.ids, "max_tokens": 1,
+                             "prompt_logprobs": 0})
         r.raise_for_status()
         rows = r.json()["choices"][0]["prompt_logprobs"][1:]
         self.probe.check(f"vLLM server {s.url}", model_path,
@@ -391,15 +453,13 @@ class ServerPool:
         the probe; a failed restart is tried again while `s` has restarts left."""
         while not self._closed.wait(backoff_delay(s.restarts - 1)):
             try:
-                model_path = self.model_path
-                log.info("restarting vLLM server %d on %s (restart %d of %d)", s.local_index, model_path,
+                policy = self.policy
+                log.info("restarting vLLM server %d on %s (restart %d of %d)", s.local_index, policy.path,
                          s.restarts, self.max_restarts)
-                self.local.restart(s.local_index, model_path)
-                s.url = self.local.urls[s.local_index]
-                self.check(s, model_path)
-                s.model_path = model_path
+                self._restart_on(s, policy.weights)
+                self.put(s, policy)
                 while not self._rejoin(s):  # the pool moved to a new policy meanwhile
-                    self.swap(s, self.model_path)
+                    self.swap(s, self.policy)
                 return
             except Exception as e:  # noqa: BLE001 - this thread must go on to the next server
                 if self._closed.is_set():
@@ -413,7 +473,7 @@ class ServerPool:
     def _rejoin(self, s: Server) -> bool:
         """Put restarted server `s` back in the pool if it serves the pool's policy."""
         with self._lock:
-            if s.model_path != self.model_path:
+            if s.policy != self.policy:
                 return False
             s.alive, s.restarting = True, False
         log.info("vLLM server %s is back (restart %d of %d)", s.url, s.restarts, self.max_restarts)
@@ -495,7 +555,8 @@ class ServerPool:
             s = await self._pick()
             s.inflight += 1
             try:
-                resp = await client(s.url).completions.create(model=self.model, prompt=ids, seed=seed, **body)
+                resp = await client(s.url).completions.create(model=s.adapter or self.model, prompt=ids, seed=seed,
+                                                              **body)
                 choices = sorted(resp.choices, key=lambda c: c.index)
                 if len(choices) != n:
                     raise openai.APIError(f"{len(choices)} choices for n={n}", request=None, body=None)
@@ -539,11 +600,14 @@ def main(argv: list[str] | None = None) -> int:
         if kind is bool:
             kind = lambda s: s.lower() in ("1", "true", "yes")  # noqa: E731
         serve.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(VLLMConfig, name))
+    serve.add_argument("--max-lora-rank", type=int, default=0,
+                       help="a LoRA run's training.lora.rank: the servers load its adapters at runtime (0: LoRA off)")
     serve.add_argument("--startup-timeout", type=float, default=600)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     vllm = VLLMConfig(**{name: getattr(args, name) for name in SERVER_OPTIONS})
-    servers = LocalServers(args.num, Path(args.workdir), vllm, ModelConfig.dtype, args.host, args.startup_timeout)
+    servers = LocalServers(args.num, Path(args.workdir), vllm, ModelConfig.dtype, args.host, args.startup_timeout,
+                           args.max_lora_rank)
     try:
         urls = servers.start(args.model)
         if args.urls_file:

@@ -11,7 +11,11 @@ from ..training import train_dpo
 
 
 def train(ctx: RunContext, r: int) -> tuple[dict, dict]:
-    """policy (an HF checkpoint, written by rank 0 inside train_dpo) and train_log (one line per step)."""
+    """policy (an HF checkpoint, written by rank 0 inside train_dpo; with training.lora a LoRA adapter
+    on the SFT model) and train_log (one line per step).
+
+    With LoRA, init=sft starts every round from a fresh adapter; init=previous continues the last
+    round's adapter (round 0's previous policy is the SFT model itself: a fresh adapter)."""
     cfg, rd = ctx.cfg, ctx.rd
     pairs = pd.concat([rd.table("labels", q) for q in range(r + 1)], ignore_index=True)
     init = ctx.sft_path if cfg.training.init == "sft" else ctx.policy_path(r)
@@ -27,6 +31,7 @@ def train(ctx: RunContext, r: int) -> tuple[dict, dict]:
         ctx.log_sharding(f"{init} (training)", result.sharding)
     last = result.history[-1]
     return {"train_log": result.history}, {
-        "pairs": len(pairs), "steps": result.steps, "train_seconds": round(result.seconds, 2),
+        "pairs": len(pairs), "steps": result.steps, "trainable_params": result.trainable_params,
+        "train_seconds": round(result.seconds, 2),
         "pairs_per_second": round(len(pairs) * cfg.training.epochs / result.seconds, 3),
         "final_loss": last["loss"], "final_reward_accuracy": last["reward_accuracy"]}
