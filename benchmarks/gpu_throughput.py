@@ -146,7 +146,8 @@ def training(path: str, n: float, pairs, scores: np.ndarray, batch: int, micros:
     for micro, ep in zip(micros, epochs):
         tcfg = SimpleNamespace(beta=0.1, lr=1e-6, epochs=ep, batch_size=batch, micro_batch_size=micro,
                                mixed_precision=precision, gradient_checkpointing=False, max_grad_norm=1.0,
-                               weight_decay=0.0, checkpoint_every_steps=0)
+                               weight_decay=0.0, checkpoint_every_steps=0,
+                               lora=SimpleNamespace(rank=0))  # full fine-tuning
         stamps = []
         with tempfile.TemporaryDirectory() as tmp:
             result = train_dpo(table, path, Path(tmp) / "policy", tcfg, seed=0, progress=False,

@@ -1,11 +1,13 @@
-"""DPO training throughput: apo-dist's trainer vs TRL's DPOTrainer, same pairs, batch, lengths, dtype.
+"""DPO training throughput: apo-dist's trainer vs TRL's DPOTrainer, same pairs, batch, lengths, dtype,
+and ours with a LoRA adapter (training.lora) vs full fine-tuning.
 
-    python benchmarks/train_throughput.py [--pairs 64] [--batch 8] [--threads 2]
+    python benchmarks/train_throughput.py [--pairs 64] [--batch 8] [--threads 2] [--lora-rank 16] [--no-trl]
 
 Both start from SmolLM2-135M-Instruct in fp32, train one epoch with Adam(W) at a constant lr and
 beta 0.1, and are timed per optimizer step (the first step is warm-up and not counted). Ours
 reads the reference log-probs that the scoring stage stored, so it runs no reference forward pass;
-TRL computes them on every step (its default). Needs TRL: `pip install -e .[bench]`.
+TRL computes them on every step (its default). Needs TRL: `pip install -e .[bench]` (or --no-trl).
+The LoRA row trains a rank --lora-rank adapter on every attention and MLP projection, the rest frozen.
 """
 from __future__ import annotations
 
@@ -22,7 +24,11 @@ import torch
 from common import machine, model_path, text_pairs
 
 
-def ours(pairs, path: str, batch: int) -> tuple[float, float]:
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def ours(pairs, path: str, batch: int, lora_rank: int = 0) -> tuple[float, float]:
+    from apo_dist.config import LoraSettings
     from apo_dist.models import load_model, load_tokenizer
     from apo_dist.scoring import sequence_logprobs
     from apo_dist.training import train_dpo
@@ -37,7 +43,8 @@ def ours(pairs, path: str, batch: int) -> tuple[float, float]:
                           "tokens_b": [b for _, _, b in pairs], "ref_logp_a": ref_a.values,
                           "ref_logp_b": ref_b.values, "label": 1.0})
     tcfg = SimpleNamespace(beta=0.1, lr=1e-5, epochs=1, batch_size=batch, micro_batch_size=batch, mixed_precision="no",
-                           gradient_checkpointing=False, max_grad_norm=1e9, weight_decay=0.0, checkpoint_every_steps=0)
+                           gradient_checkpointing=False, max_grad_norm=1e9, weight_decay=0.0, checkpoint_every_steps=0,
+                           lora=LoraSettings(rank=lora_rank, alpha=2.0 * lora_rank, target_modules=ALL_PROJECTIONS))
     stamps = []
     with tempfile.TemporaryDirectory() as tmp:
         result = train_dpo(table, path, Path(tmp) / "policy", tcfg, seed=0, progress=False,
@@ -76,6 +83,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--no-trl", action="store_true", help="skip TRL (when it is not installed)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = model_path()
@@ -83,14 +92,19 @@ def main() -> None:
 
     pairs = text_pairs(AutoTokenizer.from_pretrained(path), args.pairs)
     ours_rate, ours_loss = ours(pairs, path, args.batch)
-    trl_rate, trl_loss = trl(pairs, path, args.batch)
+    lora_rate, lora_loss = ours(pairs, path, args.batch, args.lora_rank)
+    trl_rate, trl_loss = (None, None) if args.no_trl else trl(pairs, path, args.batch)
     print(f"machine: {machine()}")
     print(f"workload: SmolLM2-135M-Instruct fp32, {args.pairs} pairs, batch {args.batch}, prompt 12 + completion 16 tokens")
     print("| trainer | pairs/s | first-step loss |")
     print("|---|---:|---:|")
-    print(f"| TRL DPOTrainer (reference model in memory) | {trl_rate:.2f} | {trl_loss:.4f} |")
+    if trl_rate is not None:
+        print(f"| TRL DPOTrainer (reference model in memory) | {trl_rate:.2f} | {trl_loss:.4f} |")
     print(f"| apo-dist train_dpo (stored reference log-probs) | {ours_rate:.2f} | {ours_loss:.4f} |")
-    print(f"summary: ours={ours_rate:.2f} pairs/s trl={trl_rate:.2f} pairs/s ratio={ours_rate / trl_rate:.2f}")
+    print(f"| apo-dist train_dpo, LoRA rank {args.lora_rank} on all projections | {lora_rate:.2f} | {lora_loss:.4f} |")
+    if trl_rate is not None:
+        print(f"summary: ours={ours_rate:.2f} pairs/s trl={trl_rate:.2f} pairs/s ratio={ours_rate / trl_rate:.2f}")
+    print(f"summary: lora={lora_rate:.2f} pairs/s full={ours_rate:.2f} pairs/s ratio={lora_rate / ours_rate:.2f}")
 
 
 if __name__ == "__main__":
