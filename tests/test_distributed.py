@@ -139,3 +139,64 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path, base, single):
         torch.testing.assert_close(ours[k], ref[k], atol=1e-5, rtol=1e-4)
     log = [json.loads(x) for x in (run_dir / "round_0001" / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == len((single / "round_0001" / "train_log.jsonl").read_text().splitlines())
+
+
+LOAD_FOR_TRAINING = """
+import json, sys
+import deepspeed
+from accelerate import Accelerator
+from apo_dist.distributed import init_distributed, load_training_model, sharding_report
+
+init_distributed()
+Accelerator()
+model = load_training_model(sys.argv[1])
+report = sharding_report(model)
+with deepspeed.zero.GatheredParameters(list(model.parameters())):
+    report["sums"] = {name: p.double().sum().item() for name, p in model.named_parameters()}
+print("LOADED " + json.dumps(report), flush=True)
+"""
+
+
+def test_zero3_training_model_is_partitioned_from_the_load(tmp_path, tiny_model_dir):
+    """Under ZeRO-3 the model to train is built partitioned, even when the launch turns
+    zero3_init_flag off: right after the load no rank holds a parameter, each holds half, and the
+    gathered parameters are the checkpoint's on every rank."""
+    import subprocess
+    import sys
+
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    config = yaml.safe_load((ACCELERATE / "zero3.yaml").read_text())
+    config["deepspeed_config"]["zero3_init_flag"] = False
+    (tmp_path / "zero3.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "load.py").write_text(LOAD_FOR_TRAINING)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "zero3.yaml"),
+              "--num_processes", "2"]
+    out = subprocess.run([*launch, str(tmp_path / "load.py"), str(tiny_model_dir)], capture_output=True, text=True,
+                         timeout=600)
+    reports = [json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("LOADED ")]
+    assert out.returncode == 0 and len(reports) == 2, out.stderr[-3000:]
+    checkpoint = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    expected = {name: p.double().sum().item() for name, p in checkpoint.named_parameters()}
+    for r in reports:
+        assert r["materialised_numel"] == 0, r
+        assert abs(r["local_numel"] - r["full_numel"] / 2) <= 64 * 16, r
+        assert r["sums"].keys() == expected.keys()
+        np.testing.assert_allclose([r["sums"][k] for k in expected], list(expected.values()), rtol=1e-6, atol=1e-6)
+
+
+def test_killed_zero3_training_resumes_to_the_same_policy(tmp_path, base, single):
+    """ZeRO-3 ranks killed after step 2 of round 1 (checkpoints every step) resume from their
+    checkpoint, with the memory limits on DeepSpeed's gathered parameters (training.py), and save
+    the policy of the uninterrupted one-process run."""
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    overrides = [*base, *LAUNCHES["zero3"], "launcher.training_processes=2", "training.checkpoint_every_steps=1"]
+    assert run_cli(run_dir, overrides, fault="1:train:step2") == 5  # both ranks killed: the stage failed
+    assert run_cli(run_dir, overrides) == 0
+    ours = AutoModelForCausalLM.from_pretrained(run_dir / "round_0001" / "policy").state_dict()
+    ref = AutoModelForCausalLM.from_pretrained(single / "round_0001" / "policy").state_dict()
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], atol=2e-4, rtol=1e-3, msg=k)

@@ -96,7 +96,17 @@ def sharding_report(model) -> dict:
 
 
 def load_training_model(path: str):
-    """The fp32 policy to train, on the CPU (accelerator.prepare places it)."""
+    """The fp32 model at `path`, to train under the Accelerator made before it.
+
+    Under ZeRO-3 it is built partitioned (in accelerate's zero3 init context, whatever the launch's
+    zero3_init_flag): from_pretrained creates each layer inside deepspeed.zero.Init, so a rank
+    allocates only its share, and rank 0 copies the checkpoint in layer by layer. Otherwise the
+    full model, on the CPU: accelerator.prepare places it."""
     from .models import load_model
 
-    return load_model(path, "float32", device="cpu")
+    if zero_stage() != 3:
+        return load_model(path, "float32", device="cpu")
+    from accelerate.state import AcceleratorState
+
+    with AcceleratorState().deepspeed_plugin.zero3_init_context_manager(enable=True):
+        return load_model(path, "float32")  # on devices.process_device, where DeepSpeed keeps the partitions

@@ -227,6 +227,13 @@ def _configure_deepspeed(ds: dict, tcfg, model_path: str) -> None:
     if zero.get("stage") == 3:
         zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))
         zero.setdefault("stage3_param_persistence_threshold", 10 * hidden)
+        # DeepSpeed's defaults (1e9 elements) size the optimizer step's temporaries to the rank's whole
+        # partition and keep every gathered layer from forward to backward (benchmarks/README.md);
+        # not for LoRA, where the limits break DeepSpeed's prefetch trace after a resume.
+        zero.setdefault("sub_group_size", hidden * hidden)
+        if not tcfg.lora.rank:
+            zero.setdefault("stage3_max_live_parameters", hidden * hidden)
+            zero.setdefault("stage3_max_reuse_distance", hidden * hidden)
 
 
 # ---- the training loop ----
