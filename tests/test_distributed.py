@@ -143,17 +143,19 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path, base, single):
 
 LOAD_FOR_TRAINING = """
 import json, sys
+from pathlib import Path
 import deepspeed
 from accelerate import Accelerator
 from apo_dist.distributed import init_distributed, load_training_model, sharding_report
 
 init_distributed()
-Accelerator()
+accelerator = Accelerator()
 model = load_training_model(sys.argv[1])
 report = sharding_report(model)
 with deepspeed.zero.GatheredParameters(list(model.parameters())):
     report["sums"] = {name: p.double().sum().item() for name, p in model.named_parameters()}
-print("LOADED " + json.dumps(report), flush=True)
+# a file per rank: two ranks printing long lines to one pipe can interleave them
+Path(sys.argv[2], f"rank{accelerator.process_index}.json").write_text(json.dumps(report))
 """
 
 
@@ -173,10 +175,10 @@ def test_zero3_training_model_is_partitioned_from_the_load(tmp_path, tiny_model_
     (tmp_path / "load.py").write_text(LOAD_FOR_TRAINING)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "zero3.yaml"),
               "--num_processes", "2"]
-    out = subprocess.run([*launch, str(tmp_path / "load.py"), str(tiny_model_dir)], capture_output=True, text=True,
-                         timeout=600)
-    reports = [json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("LOADED ")]
-    assert out.returncode == 0 and len(reports) == 2, out.stderr[-3000:]
+    out = subprocess.run([*launch, str(tmp_path / "load.py"), str(tiny_model_dir), str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     checkpoint = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     expected = {name: p.double().sum().item() for name, p in checkpoint.named_parameters()}
     for r in reports:
