@@ -146,7 +146,7 @@ import json, sys
 from pathlib import Path
 import deepspeed
 from accelerate import Accelerator
-from apo_dist.distributed import init_distributed, load_training_model, sharding_report
+from apo_dist.distributed import exit_rank, init_distributed, load_training_model, sharding_report
 
 init_distributed()
 accelerator = Accelerator()
@@ -156,6 +156,7 @@ with deepspeed.zero.GatheredParameters(list(model.parameters())):
     report["sums"] = {name: p.double().sum().item() for name, p in model.named_parameters()}
 # a file per rank: two ranks printing long lines to one pipe can interleave them
 Path(sys.argv[2], f"rank{accelerator.process_index}.json").write_text(json.dumps(report))
+exit_rank()
 """
 
 

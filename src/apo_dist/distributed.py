@@ -6,9 +6,12 @@ one node or many). Without CUDA the process group uses gloo, so the same launch 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -34,6 +37,20 @@ def init_distributed(timeout_s: float = 600):
     if deepspeed_enabled():  # DeepSpeed makes the group itself; on CPUs it must be told gloo
         return PartialState(backend="gloo" if cpu else None, timeout=timeout)
     return PartialState(cpu=cpu, timeout=timeout)  # DDP; Accelerate picks gloo on CPUs
+
+
+def exit_rank() -> NoReturn:
+    """End a rank whose work is done: wait for every rank, take the process group down and leave
+    (exit 0) without the interpreter's teardown. Left to the teardown, gloo's and DeepSpeed's native
+    threads can abort a finished rank (SIGABRT, "terminate called without an active exception"),
+    failing a stage whose outputs are all written."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def deepspeed_enabled() -> bool:

@@ -137,6 +137,7 @@ def train_dpo(pairs: pd.DataFrame, init_path: str, out_dir: Path, tcfg, seed: in
     train_steps(setup, pairs, tcfg, seed, pad_id, history, progress=progress, log=bool(tensorboard_dir),
                 checkpoint_dir=checkpoint_dir, resume_key=resume_key, on_step=on_step, stop_file=stop_file)
     save_policy(setup, out_dir, checkpoint_dir, tcfg.lora)
+    drop_optimizer_state(setup)
     if tensorboard_dir:
         setup.accelerator.end_training()
     return TrainResult(steps=len(history), seconds=time.time() - start, history=history, sharding=setup.sharding,
@@ -365,6 +366,15 @@ def _resume(accelerator, checkpoint_dir: Path | None, resume_key: str) -> list[d
 
 
 # ---- saving ----
+
+def drop_optimizer_state(setup: TrainingSetup) -> None:
+    """Free AdamW's moments once training is done, before `save_policy` gathers the full weights
+    (on rank 0 under ZeRO-3): the two need not be held at once. `setup.optimizer` cannot step after."""
+    optimizer = setup.optimizer
+    while hasattr(optimizer, "optimizer"):  # accelerate's wrapper, then DeepSpeed's ZeRO optimizer
+        optimizer = optimizer.optimizer
+    optimizer.state.clear()
+
 
 def save_policy(setup: TrainingSetup, out_dir: Path, checkpoint_dir: Path | None = None, lora=None) -> None:
     """Save the trained policy (consolidated from all ranks) and its tokenizer as a Hugging Face

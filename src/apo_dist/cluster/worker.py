@@ -8,11 +8,13 @@ stage's metrics in <round>/logs/STAGE.metrics.json for the coordinator, which th
 
 A rank never outlives its launcher: it asks the kernel for SIGKILL when the launcher dies, and
 exits at once when the launcher, or (local launches) the coordinator above it, is already gone.
-Ranks never take the run directory's lock: the coordinator that launched them holds it.
+Ranks never take the run directory's lock: the coordinator that launched them holds it. A rank
+that has done its part leaves through distributed.exit_rank (no interpreter teardown).
 """
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -34,7 +36,7 @@ def stay_with_launcher() -> None:
         sys.exit(f"apo_dist.cluster.worker: the launcher (pid {launcher}) or its coordinator is gone; exiting")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     stay_with_launcher()
     parser = argparse.ArgumentParser(prog="apo_dist.cluster.worker")
     parser.add_argument("stage", choices=["entropy", "scores", "train"])
@@ -56,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     state.wait_for_everyone()
     if state.is_main_process:
         (ctx.rd.round_dir(args.round) / "logs" / f"{args.stage}.metrics.json").write_text(json.dumps(metrics or {}))
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    faulthandler.enable()  # a rank killed by a signal leaves its threads' Python stacks in the stage log
+    main()
+    from ..distributed import exit_rank
+
+    exit_rank()
