@@ -1,17 +1,24 @@
 """LoRA adapters (training.lora) end to end on the tiny model: training in one process, under
-2-rank DDP and under ZeRO-3, what the policy folder holds, the merged checkpoint, resume, init,
-and the reference as the policy with its adapter disabled."""
+2-rank DDP and under ZeRO-2/3, what the policy folder holds, the merged checkpoint, the mid-training
+checkpoints (the adapter without its base) and resume, init, and the reference as the policy with
+its adapter disabled."""
 from __future__ import annotations
 
 import json
 import math
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from apo_dist.config import LoraSettings, TrainingConfig, load_config
 from apo_dist.context import RunContext
@@ -19,7 +26,7 @@ from apo_dist.models import completion_logprobs, is_adapter, load_model
 from apo_dist.scoring import sequence_logprobs
 from apo_dist.training import TrainingStopped, dpo_loss, train_dpo, with_adapter
 
-from .test_distributed import LAUNCHES
+from .test_distributed import ACCELERATE, LAUNCHES
 from .test_loop import CONFIG, all_labels, run_cli
 from .test_training import random_pairs
 
@@ -154,23 +161,137 @@ def test_in_bf16_the_reference_and_a_fresh_adapter_score_as_the_sft_model(traine
     np.testing.assert_array_equal(fresh, bf16)
 
 
-def test_stopped_then_resumed_training_ends_with_the_same_adapter(trained, pairs, tiny_model_dir, tmp_path):
-    """Stopped after step 3 (checkpointed there), then restarted: the same steps and adapter as
-    the uninterrupted training."""
-    out, result = trained
-    stop = tmp_path / "stop"
-    checkpoint = tmp_path / "checkpoint"
-    again = tmp_path / "policy"
+def tensor_numel(obj) -> int:
+    """Elements of the floating-point tensors in `obj` (nested dicts, lists and tuples)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() if obj.is_floating_point() else 0
+    if isinstance(obj, dict):
+        return sum(tensor_numel(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_numel(v) for v in obj)
+    return 0
+
+
+def checkpoint_numel(folder: Path) -> int:
+    """Elements of the floating-point tensors in every file under `folder`: the safetensors files and
+    the torch pickles (.bin, .pt, .pkl) of Accelerate's and DeepSpeed's checkpoints."""
+    files = [f for f in folder.rglob("*") if f.suffix in (".safetensors", ".bin", ".pt", ".pkl")]
+    assert files, folder
+    return sum(tensor_numel(load_file(f) if f.suffix == ".safetensors" else
+                            torch.load(f, map_location="cpu", weights_only=False)) for f in files)
+
+
+def assert_adapter_only(state: Path, adapter: int) -> None:
+    """The checkpoint `state` holds the values of an adapter of `adapter` parameters and AdamW's two
+    moments of them (under ZeRO-2 a fourth copy: the module's, beside the optimizer's float32 master),
+    plus step counts; a copy of the frozen base (11 x the tiny model's rank-8 adapter) does not fit."""
+    assert 3 * adapter <= checkpoint_numel(state) <= 4 * adapter + 64
+
+
+def checkpoint_state(checkpoint: Path) -> Path:
+    """The folder of the state that `checkpoint`/progress.json points at."""
+    return checkpoint / json.loads((checkpoint / "progress.json").read_text())["state"]
+
+
+@pytest.fixture(scope="module")
+def stopped(pairs, tiny_model_dir, tmp_path_factory) -> Path:
+    """The checkpoint folder of the one-process training of `trained` (TCFG), stopped after step 3."""
+    folder = tmp_path_factory.mktemp("stopped")
+    stop = folder / "stop"
     with pytest.raises(TrainingStopped):
-        train_dpo(pairs, str(tiny_model_dir), again, TCFG, seed=0, progress=False, checkpoint_dir=checkpoint,
-                  resume_key="k", on_step=lambda step: step == 3 and stop.touch(), stop_file=stop)
-    assert len(json.loads((checkpoint / "progress.json").read_text())["history"]) == 3
-    stop.unlink()
+        train_dpo(pairs, str(tiny_model_dir), folder / "policy", TCFG, seed=0, progress=False,
+                  checkpoint_dir=folder / "checkpoint", resume_key="k",
+                  on_step=lambda step: step == 3 and stop.touch(), stop_file=stop)
+    assert len(json.loads((folder / "checkpoint" / "progress.json").read_text())["history"]) == 3
+    return folder / "checkpoint"
+
+
+def test_lora_checkpoint_holds_the_adapter_not_the_base(stopped, tiny_model_dir):
+    """The model file of a LoRA training's checkpoint holds the adapter's tensors alone, and the whole
+    checkpoint the adapter, AdamW's two moments of it and its step counts: nothing of the frozen base."""
+    adapter = expected_trainable(load_model(str(tiny_model_dir)), LORA.rank)
+    model = load_file(checkpoint_state(stopped) / "model.safetensors")
+    assert model and all("lora_A" in k or "lora_B" in k for k in model)
+    assert sum(t.numel() for t in model.values()) == adapter
+    assert checkpoint_numel(stopped) == 3 * adapter + len(model)  # + AdamW's step count per tensor
+
+
+def test_stopped_then_resumed_training_ends_with_the_same_adapter(trained, stopped, pairs, tiny_model_dir, tmp_path):
+    """Resumed from the checkpoint after step 3 (base from the SFT model, adapter and optimizer from
+    the checkpoint): the same steps and adapter as the uninterrupted training."""
+    out, result = trained
+    checkpoint = shutil.copytree(stopped, tmp_path / "checkpoint")
+    again = tmp_path / "policy"
+    steps = []
     resumed = train_dpo(pairs, str(tiny_model_dir), again, TCFG, seed=0, progress=False, checkpoint_dir=checkpoint,
-                        resume_key="k", stop_file=stop)
+                        resume_key="k", on_step=steps.append, stop_file=tmp_path / "stop")
+    assert steps == list(range(4, len(result.history) + 1))  # resumed, not started again
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in result.history]
     a, b = adapter_tensors(out), adapter_tensors(again)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_checkpoint_that_lacks_an_adapter_tensor(stopped, pairs, tiny_model_dir, tmp_path):
+    """A checkpoint whose model file lost one of the adapter's tensors fails the resume, naming it
+    (loading the rest would silently train on from that tensor's fresh value)."""
+    checkpoint = shutil.copytree(stopped, tmp_path / "checkpoint")
+    model_file = checkpoint_state(checkpoint) / "model.safetensors"
+    tensors = load_file(model_file)
+    lost = sorted(k for k in tensors if "lora_B" in k)[0]
+    save_file({k: v for k, v in tensors.items() if k != lost}, model_file)
+    with pytest.raises(RuntimeError, match=re.escape(lost)):
+        train_dpo(pairs, str(tiny_model_dir), tmp_path / "policy", TCFG, seed=0, progress=False,
+                  checkpoint_dir=checkpoint, resume_key="k")
+
+
+STOP_AND_RESUME = """
+import json, os, pickle, shutil, sys
+from pathlib import Path
+from apo_dist.distributed import exit_rank
+from apo_dist.training import TrainingStopped, train_dpo
+
+model, out = sys.argv[1], Path(sys.argv[2])
+pairs, tcfg = pickle.loads((out / "inputs.pkl").read_bytes())
+stop = out / "stop"
+try:
+    train_dpo(pairs, model, out / "policy", tcfg, seed=0, progress=False, checkpoint_dir=out / "checkpoint",
+              resume_key="k", on_step=lambda step: step == 3 and stop.touch(), stop_file=stop)
+    raise SystemExit("not stopped")
+except TrainingStopped:
+    pass
+if int(os.environ["RANK"]) == 0:
+    shutil.copytree(out / "checkpoint", out / "stopped")  # save_policy removes the checkpoint
+steps = []
+train_dpo(pairs, model, out / "policy", tcfg, seed=0, progress=False, checkpoint_dir=out / "checkpoint", resume_key="k",
+          on_step=steps.append)
+(out / f"resumed_steps_{os.environ['RANK']}.json").write_text(json.dumps(steps))
+exit_rank()
+"""
+
+
+@pytest.mark.parametrize("launch", ["ddp", "zero2"])
+def test_launched_lora_training_stops_and_resumes_from_its_adapter(launch, trained, pairs, tiny_model_dir, tmp_path):
+    """2 DDP or ZeRO-2 ranks stopped after step 3, then resumed in the same processes: the
+    checkpoint holds the adapter and its optimizer state alone, and the adapter ends as in the
+    uninterrupted one-process training."""
+    config = {"ddp": "cpu_2proc.yaml", "zero2": "zero2.yaml"}[launch]
+    (tmp_path / "inputs.pkl").write_bytes(pickle.dumps((pairs, TCFG)))
+    (tmp_path / "train.py").write_text(STOP_AND_RESUME)
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    if launch == "ddp":
+        env["ACCELERATE_USE_CPU"] = "true"  # as the coordinator launches DDP on CPUs (cluster/local.py)
+    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / config),
+                          "--num_processes", "2", "--num_cpu_threads_per_process", "1", "--dynamo_backend", "no",
+                          "--mixed_precision", "no", str(tmp_path / "train.py"), str(tiny_model_dir), str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed_steps = list(range(4, len(trained[1].history) + 1))  # resumed, not started again
+    assert [json.loads((tmp_path / f"resumed_steps_{rank}.json").read_text()) for rank in (0, 1)] == [resumed_steps] * 2
+    assert_adapter_only(checkpoint_state(tmp_path / "stopped"), expected_trainable(load_model(str(tiny_model_dir)), 8))
+    a, b = adapter_tensors(trained[0]), adapter_tensors(tmp_path / "policy")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-4, rtol=1e-3, msg=f"{launch} {k}")
 
 
 def test_init_previous_continues_the_adapter(trained, pairs, tiny_model_dir, tiny_tokenizer, tmp_path):
@@ -278,8 +399,9 @@ def test_zero3_lora_run_matches_one_process(tmp_path_factory, base, single, tiny
                  "training.checkpoint_every_steps=1"]
     run_dir = tmp_path_factory.mktemp("zero3") / "run"
     assert run_cli(run_dir, overrides, fault="1:train:step2") == 5  # both ranks killed: the stage failed
-    progress = json.loads((run_dir / "round_0001" / "train_checkpoint" / "progress.json").read_text())
-    assert len(progress["history"]) == 2
+    checkpoint = run_dir / "round_0001" / "train_checkpoint"
+    assert len(json.loads((checkpoint / "progress.json").read_text())["history"]) == 2
+    assert_adapter_only(checkpoint_state(checkpoint), expected_trainable(load_model(str(tiny_model_dir)), 8))
     assert run_cli(run_dir, overrides) == 0
     for r in (0, 1):
         assert_same_scores(run_dir, single, r, "zero3")

@@ -22,7 +22,7 @@ import json
 import math
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -126,18 +126,19 @@ def train_dpo(pairs: pd.DataFrame, init_path: str, out_dir: Path, tcfg, seed: in
 
     `pairs` needs prompt_ids, tokens_a, tokens_b, ref_logp_a, ref_logp_b and label. Runs as is in
     one process or under `accelerate launch` (DDP, ZeRO-2, ZeRO-3). With `checkpoint_dir` and
-    `tcfg.checkpoint_every_steps`, model and optimizer state are saved every that many steps and a
-    restarted call with the same `resume_key` continues from the last one. When `stop_file` appears
-    (on any rank), every rank checkpoints after the current step and raises TrainingStopped.
+    `tcfg.checkpoint_every_steps`, model (LoRA: adapter) and optimizer state are saved every that
+    many steps and a restarted call with the same `resume_key` continues from the last one. When
+    `stop_file` appears (on any rank), every rank checkpoints after the current step and raises
+    TrainingStopped.
     """
     setup = setup_training(init_path, tcfg, seed, tensorboard_dir)
     pad_id = setup.tokenizer.pad_token_id if pad_id is None else pad_id
-    history = _resume(setup.accelerator, checkpoint_dir, resume_key)
+    history = _resume(setup.accelerator, checkpoint_dir, resume_key, adapter_only=tcfg.lora.rank > 0)
     start = time.time()
     train_steps(setup, pairs, tcfg, seed, pad_id, history, progress=progress, log=bool(tensorboard_dir),
                 checkpoint_dir=checkpoint_dir, resume_key=resume_key, on_step=on_step, stop_file=stop_file)
-    save_policy(setup, out_dir, checkpoint_dir, tcfg.lora)
     drop_optimizer_state(setup)
+    save_policy(setup, out_dir, checkpoint_dir, tcfg.lora)
     if tensorboard_dir:
         setup.accelerator.end_training()
     return TrainResult(steps=len(history), seconds=time.time() - start, history=history, sharding=setup.sharding,
@@ -250,6 +251,7 @@ def train_steps(setup: TrainingSetup, pairs: pd.DataFrame, tcfg, seed: int, pad_
     tracker log (`log`), the periodic checkpoint, `on_step(steps done)`, then the stop request.
     """
     accelerator = setup.accelerator
+    adapter_only = tcfg.lora.rank > 0  # a LoRA run checkpoints its adapter, not the frozen base
     n = len(pairs)
     steps_per_epoch = math.ceil(n / tcfg.batch_size)
     generator = torch.Generator().manual_seed(seed)
@@ -268,11 +270,11 @@ def train_steps(setup: TrainingSetup, pairs: pd.DataFrame, tcfg, seed: int, pad_
             if log:
                 accelerator.log({f"train/{k}": v for k, v in record.items()}, step=record["step"])
             if checkpoint_dir and tcfg.checkpoint_every_steps and len(history) % tcfg.checkpoint_every_steps == 0:
-                _checkpoint(accelerator, checkpoint_dir, resume_key, history)
+                _checkpoint(setup, checkpoint_dir, resume_key, history, adapter_only)
             if on_step:
                 on_step(len(history))
             if checkpoint_dir and stop_file is not None and _any_rank(accelerator, stop_file.exists()):
-                _checkpoint(accelerator, checkpoint_dir, resume_key, history)
+                _checkpoint(setup, checkpoint_dir, resume_key, history, adapter_only)
                 raise TrainingStopped(f"training stopped after step {len(history)}; checkpoint in {checkpoint_dir}")
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['reward_accuracy']:.2f}")
@@ -338,10 +340,15 @@ def _any_rank(accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum").item())
 
 
-def _checkpoint(accelerator, checkpoint_dir: Path, resume_key: str, history: list[dict]) -> None:
-    """Save model + optimizer state to a new folder, then point progress.json at it (atomic)."""
+def _checkpoint(setup: TrainingSetup, checkpoint_dir: Path, resume_key: str, history: list[dict],
+                adapter_only: bool) -> None:
+    """Save the training state to a new folder, then point progress.json at it (atomic). The state
+    is the model's, the optimizer's and the random generators'; with `adapter_only` (a LoRA run) the
+    model's is its trainable parameters alone (the adapter): `_resume` takes the frozen base from
+    the model as `setup_training` loaded it."""
+    accelerator = setup.accelerator
     name = f"step_{len(history):06d}"
-    accelerator.save_state(str(checkpoint_dir / name))
+    _save_state(accelerator, setup.model, checkpoint_dir / name, adapter_only)
     if accelerator.is_main_process:
         # Not atomic_write_json, which sorts keys: the restored records go into train_log.jsonl as they
         # were, so that a resumed stage writes the same bytes as an uninterrupted one.
@@ -353,16 +360,93 @@ def _checkpoint(accelerator, checkpoint_dir: Path, resume_key: str, history: lis
     accelerator.wait_for_everyone()
 
 
-def _resume(accelerator, checkpoint_dir: Path | None, resume_key: str) -> list[dict]:
-    """History of the steps already done by an interrupted run with the same key, state restored."""
+def _resume(accelerator, checkpoint_dir: Path | None, resume_key: str, adapter_only: bool) -> list[dict]:
+    """History of the steps already done by an interrupted run with the same key, state restored
+    (with `adapter_only`, from a LoRA run's checkpoint: the adapter into the freshly loaded model)."""
     progress = checkpoint_dir / "progress.json" if checkpoint_dir else None
     if progress is None or not progress.exists():
         return []
     saved = json.loads(progress.read_text())
     if saved["key"] != resume_key:
         return []
-    accelerator.load_state(str(checkpoint_dir / saved["state"]))
+    _load_state(accelerator, checkpoint_dir / saved["state"], adapter_only)
     return saved["history"]
+
+
+def _save_state(accelerator, model, folder: Path, adapter_only: bool) -> None:
+    """`accelerator.save_state` to `folder` (`model`: the prepared model); with `adapter_only`, of the
+    model's parameters only the trainable ones: the state dict Accelerate or DeepSpeed saves is cut
+    down by `_keep_trainable`, and DeepSpeed is told not to add its copy of the frozen ones."""
+    from accelerate.utils import DistributedType
+
+    if not adapter_only:
+        accelerator.save_state(str(folder))
+        return
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    with _registered(accelerator.unwrap_model(model).register_state_dict_post_hook, _keep_trainable):
+        accelerator.save_state(str(folder), **({"exclude_frozen_parameters": True} if deepspeed else {}))
+
+
+def _load_state(accelerator, folder: Path, adapter_only: bool) -> None:
+    """`accelerator.load_state` from a `_save_state` folder; with `adapter_only`, its trainable
+    parameters go into the model as loaded, frozen base untouched, through `_load_trainable` (the
+    DeepSpeed engine's custom_load_fn, else `_load_trainable_files`)."""
+    from accelerate.utils import DistributedType
+
+    if not adapter_only:
+        accelerator.load_state(str(folder))
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.load_state(str(folder), custom_load_fn=_load_trainable)
+    else:
+        with _registered(accelerator.register_load_state_pre_hook, _load_trainable_files):
+            accelerator.load_state(str(folder))
+
+
+@contextmanager
+def _registered(register: Callable, hook: Callable):
+    """`hook` registered by `register` (which returns a removable handle) for the context's duration."""
+    handle = register(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _trainable_names(model: torch.nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _keep_trainable(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """A state-dict post-hook: the entries of `module` in `state_dict` (names from `prefix` on) cut down
+    to its trainable parameters, in place. DeepSpeed's exclude_frozen_parameters alone would keep a
+    frozen parameter's second name (a tied output embedding)."""
+    keep = {prefix + name for name in _trainable_names(module)}
+    for name in [name for name in state_dict if name.startswith(prefix) and name not in keep]:
+        del state_dict[name]
+
+
+def _load_trainable_files(models: list, input_dir: str) -> None:
+    """Accelerate's load pre-hook for the model files `_keep_trainable` cut down: loads each model's
+    (`_load_trainable`), then empties `models` so that Accelerate does not load them again, strictly."""
+    from accelerate.utils import SAFE_WEIGHTS_NAME
+    from safetensors.torch import load_file
+
+    for i, model in enumerate(models):
+        name = SAFE_WEIGHTS_NAME if i == 0 else SAFE_WEIGHTS_NAME.replace(".", f"_{i}.")  # Accelerate's naming
+        _load_trainable(src=load_file(Path(input_dir) / name), dst=model)
+    models.clear()
+
+
+def _load_trainable(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
+    """Load the state dict `src`, which must hold every trainable parameter of `dst` and nothing `dst`
+    lacks, into `dst`; the parameters it leaves out (the frozen ones) keep their values. Raises
+    RuntimeError, before loading anything, when `src` does not fit."""
+    missing = _trainable_names(dst) - src.keys()
+    unexpected = src.keys() - dst.state_dict().keys()
+    if missing or unexpected:
+        raise RuntimeError(f"the checkpoint does not fit the model being trained: trainable parameters missing "
+                           f"{sorted(missing)}, names the model lacks {sorted(unexpected)}")
+    dst.load_state_dict(src, strict=False)  # missing keys: the frozen parameters alone (checked above)
 
 
 # ---- saving ----
