@@ -206,7 +206,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     max_grad_norm: float = 10.0
     weight_decay: float = 0.0
-    checkpoint_every_steps: int = resumable(50)  # mid-round checkpoint (model + optimizer) for resume; 0 = off
+    checkpoint_every_steps: int = resumable(50)  # mid-round checkpoint (model or LoRA adapter + optimizer); 0 = off
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 
