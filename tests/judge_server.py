@@ -1,7 +1,9 @@
 """A real OpenAI-compatible judge for tests, and a fault-injection proxy in front of it.
 
 `judge_server`: one vLLM CPU server per test session serving SmolLM2-135M-Instruct (started by
-apo_dist.generation.vllm_servers.LocalServers, answering to the model name JUDGE_MODEL).
+apo_dist.generation.vllm_servers.LocalServers, answering to the model name JUDGE_MODEL). It computes
+each request whole and alone (max_num_seqs 1, no prefix caching), so a logprob answer is the same
+bitwise whatever else it is asked, before or at the same time (README: generation.vllm.prefix_caching).
 
 `FaultProxy`: an aiohttp server on 127.0.0.1 (in a thread of the test process) that forwards
 requests to the judge and turns a seeded fraction of them into faults: 429 with Retry-After,
@@ -37,7 +39,7 @@ def judge_server(tmp_path_factory):
 
     model = ensure_model("smollm2-135m-instruct", cache_dir())
     servers = LocalServers(1, tmp_path_factory.mktemp("judge_vllm"),
-                           VLLMConfig(dtype="bfloat16", max_model_len=2048))
+                           VLLMConfig(dtype="bfloat16", max_model_len=2048, max_num_seqs=1, prefix_caching=False))
     try:
         yield servers.start(str(model))[0]
     finally:

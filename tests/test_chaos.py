@@ -32,9 +32,16 @@ again further on. The seed is printed (APO_TEST_CHAOS_SEED replays the plan; whe
 depends on timing too), and so is a table of where each fault landed (state.json read right before
 it): run with `-s` to see it.
 
-Determinism: the judge answers with log-probabilities (oracle.answer=logprob) at temperature 0,
-which vLLM (bf16, CPU) returned bitwise the same whatever batch a request was in (measured here);
-generation uses per-request seeds; training resumes from its per-step checkpoints.
+Determinism: the judge answers with log-probabilities (oracle.answer=logprob) at temperature 0 from
+a server that computes each request whole and alone (judge_server: max_num_seqs 1, no prefix
+caching), so an answer depends on the request only, not on what else either run asks, or asked
+before. vLLM's defaults do not give that on CPU (bf16), measured here: a forward step holding only
+the last token of a prompt (left over by chunked prefill when a step's token budget ran out one
+token early, or after a prefix-cache hit on all but that token) takes another matmul path and moved
+the request's log-probs by a rounding step of a bf16 logit (up to 0.27; its P(A) by up to 0.02),
+the likely cause of a CI failure in which a comparison asked again after a kill got another label;
+with prefix caching and chunked prefill off, batched requests still differed, rarely (2 of ~2,300).
+Generation uses per-request seeds; training resumes from its per-step checkpoints.
 """
 from __future__ import annotations
 
@@ -52,6 +59,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -139,6 +147,49 @@ def store_rows(db: Path) -> pd.DataFrame:
     with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
         table = pd.read_sql_query("SELECT * FROM labels", con)
     return table.drop(columns=list(RUN_DEPENDENT)).sort_values("key").reset_index(drop=True)
+
+
+def _plain(value):
+    """A table cell as plain Python, for messages: numpy scalars and arrays become numbers and lists."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def differing_rows(ours: pd.DataFrame, theirs: pd.DataFrame, on: str, shown: tuple[str, ...],
+                   notes: dict | None = None) -> str:
+    """The rows of two tables, matched on column `on`, that differ in a column or are in one table only,
+    a line each: the columns that differ and the `shown` ones, as "ours vs theirs", then notes[value of
+    `on`] if any; "" when the tables hold the same rows."""
+    def cells(table):
+        return table.set_index(on).map(lambda v: tuple(v) if isinstance(v, (list, np.ndarray)) else v)
+    a, b = cells(ours), cells(theirs)
+    index = a.index.union(b.index)
+    a, b = a.reindex(index), b.reindex(index)
+    differ = (a != b) & ~(a.isna() & b.isna())
+    mine, refs = set(ours[on]), set(theirs[on])
+    lines = []
+    for key in index[differ.any(axis=1).to_numpy()]:
+        if key not in mine or key not in refs:
+            only, table = ("this run", a) if key in mine else ("the reference", b)
+            text = f"only in {only}: " + "; ".join(f"{c} {_plain(table.at[key, c])!r}" for c in shown)
+        else:
+            text = "; ".join(f"{c} {_plain(a.at[key, c])!r} vs {_plain(b.at[key, c])!r}"
+                             for c in a.columns if differ.at[key, c] or c in shown)
+        lines.append(f"{on} {key}: {text}" + (f" [{notes[key]}]" if notes and key in notes else ""))
+    return "\n".join(lines)
+
+
+def differing_training_labels(run_dir: Path, reference: Path) -> str:
+    """`differing_rows` of every round's labels.parquet, the run's against the reference's."""
+    found = []
+    for r in TRAIN_STEPS:
+        paths = [d / f"round_{r:04d}" / "labels.parquet" for d in (run_dir, reference)]
+        rows = differing_rows(*map(pd.read_parquet, paths), "pair_id", ("prompt", "label")) \
+            if all(p.exists() for p in paths) else "missing: " + ", ".join(str(p) for p in paths if not p.exists())
+        if rows:
+            found.append(f"round {r} labels.parquet:\n{rows}")
+    return "\n".join(found)
 
 
 def manifests(run_dir: Path) -> dict[str, dict]:
@@ -427,13 +478,24 @@ def test_the_loop_under_many_faults_ends_as_an_uninterrupted_run(tmp_path, tiny_
     for r, steps in TRAIN_STEPS.items():
         assert len((reference / f"round_{r:04d}" / "train_log.jsonl").read_text().splitlines()) == steps
 
+    # The label store first (every comparison answered alike): an answer that differs changes every
+    # output downstream of it, so the message names the comparisons, how often this run asked each,
+    # and the training labels that differ.
+    store = open_store(run_dir / "labels.sqlite", readonly=True)
+    table = store.request_counts()
+    store.close()
+    counts = dict(zip(table["key"], table["n"]))
+    inflight = Counter(k for f in chaos.faults for k in f.inflight)
+    answers, ref_answers = store_rows(run_dir / "labels.sqlite"), store_rows(reference / "labels.sqlite")
+    notes = {k: f"asked {n} times by this run, in flight at {inflight[k]} of its faults" for k, n in counts.items()}
+    differing = differing_rows(answers, ref_answers, "key", ("label", "raw_text"), notes)
+    assert not differing, (f"answers that differ from the reference's (this run's vs the reference's):\n"
+                           f"{differing}\n{differing_training_labels(run_dir, reference)}\n{chaos.table()}")
+    pd.testing.assert_frame_equal(answers, ref_answers, check_exact=True)
     # Every stage's outputs bitwise alike (their manifests: files' sha256, upstream digests), but for
     # eval.json's oracle_requests: what the stage's last attempt asked (less when answers were stored).
     ours, theirs = manifests(run_dir), manifests(reference)
     assert ours == theirs, [name for name in theirs if ours.get(name) != theirs[name]]
-    # The label store: every comparison answered alike.
-    ours, theirs = store_rows(run_dir / "labels.sqlite"), store_rows(reference / "labels.sqlite")
-    pd.testing.assert_frame_equal(ours, theirs, check_exact=True)
     # Every round's eval result, labels and policy weights alike.
     for r in TRAIN_STEPS:
         rd, ref = run_dir / f"round_{r:04d}", reference / f"round_{r:04d}"
@@ -447,15 +509,10 @@ def test_the_loop_under_many_faults_ends_as_an_uninterrupted_run(tmp_path, tiny_
         different = [k for k in mine if not torch.equal(mine[k], reference_weights[k])]
         assert not different, f"round {r}: tensors differ from the uninterrupted run: {different}"
     # No comparison asked again once stored; one asked twice was in flight at a fault.
-    store = open_store(run_dir / "labels.sqlite", readonly=True)
-    table = store.request_counts()
-    store.close()
-    counts = dict(zip(table["key"], table["n"]))
-    assert set(counts) == set(ours["key"])
+    assert set(counts) == set(answers["key"])
     for answered, asked in chaos.snapshots:
         again = [k for k in answered if counts[k] != asked[k]]
         assert not again, f"{len(again)} stored comparisons were asked again"
-    inflight = Counter(k for f in chaos.faults for k in f.inflight)
     repeated = {k: n for k, n in counts.items() if n > 1}
     assert all(n <= 1 + inflight[k] for k, n in repeated.items()), (repeated, inflight)
     print(f"oracle: {len(counts)} comparisons, {sum(counts.values())} requests; asked twice: {len(repeated)} "

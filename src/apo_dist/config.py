@@ -94,6 +94,10 @@ class VLLMConfig:
     gpu_memory_utilization: float = 0.85  # GPU only
     kv_cache_gb: int = 1  # CPU only (VLLM_CPU_KVCACHE_SPACE)
     seed: int = 0
+    max_num_seqs: int = 0  # requests one engine step may batch; 0 = vLLM's default
+    # Reuse the KV of prompt prefixes computed before; false with max_num_seqs 1: every request is
+    # computed whole and alone, so its log-probs do not depend on what else the engine served (README)
+    prefix_caching: bool = True
     # Weight probe: max |mean per-token log-prob| gap to the HF scorer; null = by dtype (1e-3 for fp32)
     probe_tolerance: Optional[float] = None
 

@@ -237,6 +237,8 @@ class VLLMBackend:
         self.llm = LLM(model=weights, dtype=self.dtype, tensor_parallel_size=v.tensor_parallel_size,
                        max_model_len=v.max_model_len or None, enforce_eager=eager(v),
                        gpu_memory_utilization=v.gpu_memory_utilization, seed=v.seed,
+                       **({"max_num_seqs": v.max_num_seqs} if v.max_num_seqs else {}),
+                       **({} if v.prefix_caching else {"enable_prefix_caching": False}),
                        logprobs_mode="raw_logprobs", worker_extension_cls=EXTENSION, **self.lora_args)
         self.weights = weights
 

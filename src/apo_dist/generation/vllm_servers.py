@@ -93,6 +93,8 @@ def vllm_server_args(vllm, dtype: str | None = None, lora_rank: int = 0) -> list
             *(["--max-model-len", str(vllm.max_model_len)] if vllm.max_model_len else []),
             "--tensor-parallel-size", str(vllm.tensor_parallel_size),
             "--gpu-memory-utilization", str(vllm.gpu_memory_utilization), "--seed", str(vllm.seed),
+            *(["--max-num-seqs", str(vllm.max_num_seqs)] if vllm.max_num_seqs else []),
+            *([] if vllm.prefix_caching else ["--no-enable-prefix-caching"]),
             "--logprobs-mode", "raw_logprobs", "--worker-extension-cls", EXTENSION,
             "--disable-uvicorn-access-log", "--disable-log-stats",
             *(["--enforce-eager"] if eager(vllm) else [])]
