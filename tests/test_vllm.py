@@ -29,7 +29,8 @@ from apo_dist.models import load_model, load_tokenizer
 from apo_dist.scoring import prompt_entropy, sequence_logprobs
 from apo_dist.generation.vllm_engine import Probe, StaleWeightsError
 from apo_dist.config import VLLMConfig
-from apo_dist.generation.vllm_servers import LocalServers, NoServerLeft, ServerPool, group_members
+from apo_dist.generation.vllm_servers import (LocalServers, NoServerLeft, ServerPool, group_members, serve_args,
+                                              vllm_server_args)
 from apo_dist.rundir import RunDir
 from apo_dist.util import free_port, log_tail
 
@@ -68,6 +69,18 @@ def prompts(tok):
     from tests.conftest import make_sentences
 
     return [tok(" ".join(s.split()[:4]))["input_ids"] for s in make_sentences(24, seed=5)]
+
+
+def test_batching_options_reach_the_server_flags():
+    """generation.vllm.max_num_seqs / prefix_caching become vLLM's flags and the `serve` CLI's; the
+    defaults leave vLLM's own batching and prefix caching alone."""
+    default = vllm_server_args(VLLMConfig(dtype="float32"))
+    assert "--max-num-seqs" not in default and "--no-enable-prefix-caching" not in default
+    alone = VLLMConfig(dtype="float32", max_num_seqs=1, prefix_caching=False)
+    flags = vllm_server_args(alone)
+    assert flags[flags.index("--max-num-seqs") + 1] == "1" and "--no-enable-prefix-caching" in flags
+    serve = serve_args(alone)
+    assert serve[serve.index("--max-num-seqs") + 1] == "1" and serve[serve.index("--prefix-caching") + 1] == "False"
 
 
 def pool_of(urls, tok, models, **kw) -> ServerPool:
