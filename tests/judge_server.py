@@ -1,9 +1,10 @@
 """A real OpenAI-compatible judge for tests, and a fault-injection proxy in front of it.
 
 `judge_server`: one vLLM CPU server per test session serving SmolLM2-135M-Instruct (started by
-apo_dist.generation.vllm_servers.LocalServers, answering to the model name JUDGE_MODEL). It computes
-each request whole and alone (max_num_seqs 1, no prefix caching), so a logprob answer is the same
-bitwise whatever else it is asked, before or at the same time (README: generation.vllm.prefix_caching).
+apo_dist.generation.vllm_servers.LocalServers, answering to the model name JUDGE_MODEL), batching as
+vLLM does by default. `invariant_judge_server` (one per test module that asks for it): the same judge
+computing each request whole and alone (max_num_seqs 1, no prefix caching), so a logprob answer is the
+same bitwise whatever else it is asked, before or at the same time (README: generation.vllm.prefix_caching).
 
 `FaultProxy`: an aiohttp server on 127.0.0.1 (in a thread of the test process) that forwards
 requests to the judge and turns a seeded fraction of them into faults: 429 with Retry-After,
@@ -29,21 +30,32 @@ JUDGE_MODEL = "policy"  # LocalServers' served model name
 FAULTS = ("429", "500", "timeout", "malformed", "truncated")
 
 
-@pytest.fixture(scope="session")
-def judge_server(tmp_path_factory):
-    """Base URL (…/v1) of a vLLM server serving SmolLM2-135M-Instruct (model name JUDGE_MODEL)."""
+def start_judge(workdir, **options):
+    """Start a judge server in `workdir` (generation.vllm `options`); yields its base URL (…/v1), then stops it."""
     pytest.importorskip("vllm", reason="the judge server needs vLLM (the CPU build needs AVX-512)")
     from apo_dist.assets import cache_dir, ensure_model
     from apo_dist.config import VLLMConfig
     from apo_dist.generation.vllm_servers import LocalServers
 
     model = ensure_model("smollm2-135m-instruct", cache_dir())
-    servers = LocalServers(1, tmp_path_factory.mktemp("judge_vllm"),
-                           VLLMConfig(dtype="bfloat16", max_model_len=2048, max_num_seqs=1, prefix_caching=False))
+    servers = LocalServers(1, workdir, VLLMConfig(dtype="bfloat16", max_model_len=2048, **options))
     try:
         yield servers.start(str(model))[0]
     finally:
         servers.stop()
+
+
+@pytest.fixture(scope="session")
+def judge_server(tmp_path_factory):
+    """Base URL (…/v1) of a vLLM server serving SmolLM2-135M-Instruct (model name JUDGE_MODEL)."""
+    yield from start_judge(tmp_path_factory.mktemp("judge_vllm"))
+
+
+@pytest.fixture(scope="module")
+def invariant_judge_server(tmp_path_factory):
+    """judge_server's model on a server whose answers do not depend on batching (one request a step,
+    no prefix caching): slower, for tests that compare answers asked at different times bitwise."""
+    yield from start_judge(tmp_path_factory.mktemp("invariant_judge_vllm"), max_num_seqs=1, prefix_caching=False)
 
 
 def pair_key(prompt: str, a: str, b: str) -> str:

@@ -33,8 +33,8 @@ depends on timing too), and so is a table of where each fault landed (state.json
 it): run with `-s` to see it.
 
 Determinism: the judge answers with log-probabilities (oracle.answer=logprob) at temperature 0 from
-a server that computes each request whole and alone (judge_server: max_num_seqs 1, no prefix
-caching), so an answer depends on the request only, not on what else either run asks, or asked
+a server that computes each request whole and alone (invariant_judge_server: max_num_seqs 1, no
+prefix caching), so an answer depends on the request only, not on what else either run asks, or asked
 before. vLLM's defaults do not give that on CPU (bf16), measured here: a forward step holding only
 the last token of a prompt (left over by chunked prefill when a step's token budget ran out one
 token early, or after a prefix-cache hit on all but that token) takes another matmul path and moved
@@ -66,7 +66,7 @@ import torch
 
 from apo_dist.oracles.store import open_store
 
-from .judge_server import JUDGE_KEY, JUDGE_MODEL, FaultProxy, judge_server  # noqa: F401 (fixture)
+from .judge_server import JUDGE_KEY, JUDGE_MODEL, FaultProxy, invariant_judge_server  # noqa: F401 (fixture)
 from .test_loop import CONFIG
 from .test_orphans import ACCELERATE, output, processes_of, wait_until
 
@@ -435,17 +435,17 @@ class Chaos:
 
 
 def test_the_loop_under_many_faults_ends_as_an_uninterrupted_run(tmp_path, tiny_overrides, vllm_server,
-                                                                 judge_server):  # noqa: F811
+                                                                 invariant_judge_server):  # noqa: F811
     print(f"\nchaos seed {SEED} (APO_TEST_CHAOS_SEED={SEED} replays this schedule)")
     # The uninterrupted reference runs alongside, on a vLLM server of its own (started by its
     # coordinator: the chaos run's lives reload the shared one's weights), asking the judge directly.
     t = time.time()
     reference = tmp_path / "reference"
-    ref_overrides = [*chaos_overrides(tiny_overrides, "", judge_server), "generation.servers.num_local=1"]
+    ref_overrides = [*chaos_overrides(tiny_overrides, "", invariant_judge_server), "generation.servers.num_local=1"]
     ref_proc = start(reference, [o for o in ref_overrides if not o.startswith("generation.servers.urls=")])
     run_dir = tmp_path / "chaos"
     try:
-        with FaultProxy(judge_server, fault_rate=0.3, seed=SEED, slow_seconds=9, retry_after=0.5) as proxy:
+        with FaultProxy(invariant_judge_server, fault_rate=0.3, seed=SEED, slow_seconds=9, retry_after=0.5) as proxy:
             chaos = Chaos(run_dir, chaos_overrides(tiny_overrides, vllm_server.urls[0], proxy.url), reference, SEED)
             chaos.plan()
             try:
