@@ -426,14 +426,14 @@ def _keep_trainable(module: torch.nn.Module, state_dict: dict, prefix: str, loca
 
 
 def _load_trainable_files(models: list, input_dir: str) -> None:
-    """Accelerate's load pre-hook for the model files `_keep_trainable` cut down: loads each model's
-    (`_load_trainable`), then empties `models` so that Accelerate does not load them again, strictly."""
+    """Accelerate's load pre-hook for the model file `_keep_trainable` cut down: loads it into the one
+    prepared model (`_load_trainable`), then empties `models` so that Accelerate does not load it
+    again, strictly."""
     from accelerate.utils import SAFE_WEIGHTS_NAME
     from safetensors.torch import load_file
 
-    for i, model in enumerate(models):
-        name = SAFE_WEIGHTS_NAME if i == 0 else SAFE_WEIGHTS_NAME.replace(".", f"_{i}.")  # Accelerate's naming
-        _load_trainable(src=load_file(Path(input_dir) / name), dst=model)
+    (model,) = models  # train_dpo prepares one model
+    _load_trainable(src=load_file(Path(input_dir) / SAFE_WEIGHTS_NAME), dst=model)
     models.clear()
 
 
